@@ -1,0 +1,31 @@
+# The two commands of README.md. Both create (or reuse) the venv and install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RUN_DIR ?= runs/quickstart
+export JAX_COMPILATION_CACHE_DIR ?= $(HOME)/.cache/drt_jax/jax
+
+.PHONY: run test lint bench clean
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) experiments/quickstart.py --workdir $(RUN_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 -q --durations=15 tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check drt_jax experiments tests
+
+bench: $(STAMP)
+	$(PY) experiments/benchmark.py --host_devices 8
+
+clean:
+	rm -rf $(VENV) runs

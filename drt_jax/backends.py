@@ -1,0 +1,105 @@
+"""How the per-agent computation runs over the stacked agent axis.
+
+A per-agent function ``fn(*args)`` (one agent's arrays) becomes a function of stacked arrays (every
+leaf with leading axis K) through one of these back-ends:
+
+=========== =================================================================================
+``vmap``    ``jax.vmap``: one batched program. Convolutions over stacked kernels lower to grouped
+            convolutions, which are slow on some platforms (see ``docs/performance.md``).
+``chunked`` groups of ``chunk_size`` agents vmapped, the groups run one after another
+            (``lax.map``): bounds peak memory at large K.
+``map``     ``lax.map`` over agents: one agent at a time inside one compiled program.
+``shard``   ``jax.shard_map`` over a 1-D mesh of the local devices on axis ``agents``; each
+            device vmaps its K / n_devices agents. Needs K divisible by the device count.
+``auto``    ``shard`` when several local devices exist and divide K, else ``vmap``.
+=========== =================================================================================
+"""
+
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
+
+BACKENDS = ("auto", "vmap", "chunked", "map", "shard")
+AGENTS = "agents"
+
+
+def check(backend: str, num_agents: int, chunk_size: int | None = None) -> None:
+  """Raises ValueError for an unknown back-end or a shape it cannot run."""
+  if backend not in BACKENDS:
+    raise ValueError(f"unknown backend {backend!r}; expected one of: {', '.join(BACKENDS)}")
+  if backend == "chunked":
+    if not chunk_size or chunk_size < 1 or num_agents % chunk_size:
+      raise ValueError(f"backend 'chunked' needs a chunk_size >= 1 dividing K={num_agents}; "
+                       f"got {chunk_size}")
+  if backend == "shard":
+    n = jax.local_device_count()
+    if num_agents % n:
+      raise ValueError(f"backend 'shard' splits K={num_agents} agents over {n} local devices; "
+                       f"K must be a multiple of {n} (or use backend 'vmap')")
+
+
+def resolve(backend: str, num_agents: int) -> str:
+  """The concrete back-end ``auto`` stands for on this machine."""
+  if backend != "auto":
+    return backend
+  n = jax.local_device_count()
+  return "shard" if n > 1 and num_agents % n == 0 else "vmap"
+
+
+def agents_mesh() -> Mesh:
+  """A 1-D mesh of the local devices with axis ``agents``."""
+  return Mesh(np.array(jax.local_devices()), (AGENTS,))
+
+
+def per_agent(fn: Callable, backend: str, num_agents: int, chunk_size: int | None = None,
+              shared: tuple[int, ...] = ()) -> Callable:
+  """Lifts ``fn`` (one agent's arrays -> pytree) to stacked arrays with the chosen back-end.
+
+  Positional arguments listed in ``shared`` are the same for every agent (no agent axis), e.g.
+  an evaluation batch.
+  """
+  check(backend, num_agents, chunk_size)
+  backend = resolve(backend, num_agents)
+  def in_axes(n):
+    return tuple(None if i in shared else 0 for i in range(n))
+
+  if backend == "vmap":
+    return lambda *args: jax.vmap(fn, in_axes=in_axes(len(args)))(*args)
+
+  def split(args):
+    stacked = tuple(a for i, a in enumerate(args) if i not in shared)
+    return stacked, lambda st: _merge(args, st, shared)
+
+  if backend == "map":
+    def mapped(*args):
+      stacked, merge = split(args)
+      return jax.lax.map(lambda st: fn(*merge(st)), stacked)
+
+    return mapped
+  if backend == "chunked":
+    groups = num_agents // chunk_size
+
+    def chunked(*args):
+      stacked, merge = split(args)
+      grouped = jax.tree.map(lambda x: x.reshape((groups, chunk_size) + x.shape[1:]), stacked)
+      vfn = jax.vmap(fn, in_axes=in_axes(len(args)))
+      out = jax.lax.map(lambda st: vfn(*merge(st)), grouped)
+      return jax.tree.map(lambda x: x.reshape((num_agents,) + x.shape[2:]), out)
+
+    return chunked
+  mesh = agents_mesh()
+
+  def sharded(*args):
+    specs = tuple(PartitionSpec() if i in shared else PartitionSpec(AGENTS)
+                  for i in range(len(args)))
+    return jax.shard_map(jax.vmap(fn, in_axes=in_axes(len(args))), mesh=mesh, in_specs=specs,
+                         out_specs=PartitionSpec(AGENTS))(*args)
+
+  return sharded
+
+
+def _merge(args, stacked, shared):
+  it = iter(stacked)
+  return tuple(a if i in shared else next(it) for i, a in enumerate(args))

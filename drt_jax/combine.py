@@ -1,0 +1,140 @@
+"""The combine step ``x_k <- sum_l a_lk x_l`` over stacked pytrees.
+
+Every leaf of a stacked tree has a leading agent axis K (see :mod:`drt_jax.types`). The sparse path
+gathers each agent's D listed neighbours slot by slot, O(edges x params) work and no K x K matrix;
+the dense path is the reference ``einsum('lk,l...->k...', A, x)``. Both accumulate in float32 (or
+the leaf's dtype if wider) and return the leaf's dtype.
+
+Per-layer combination (DRT diffusion) uses one weight array ``[K, D]`` per *layer*, a group of
+leaves named by :func:`layer_names`.
+"""
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from drt_jax.topology import Topology
+from drt_jax.types import Mixing, PyTree
+
+
+def as_mixing(topology: Topology | Mixing, step=0) -> Mixing:
+  """A Topology's weights at ``step``, or a Mixing unchanged."""
+  if isinstance(topology, Mixing):
+    return topology
+  if isinstance(topology, Topology):
+    return topology.mixing(step)
+  raise TypeError(f"expected a Topology or Mixing, got {type(topology).__name__}")
+
+
+def _acc_dtype(x):
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _combine_leaf(x, nbr_idx, nbr_w):
+  """sum_j nbr_w[k, j] * x[nbr_idx[k, j]] for one leaf ``x[K, ...]``."""
+  dtype = _acc_dtype(x)
+  expand = (slice(None),) + (None,) * (x.ndim - 1)
+  out = nbr_w[:, 0].astype(dtype)[expand] * x.astype(dtype)  # slot 0 is the agent itself
+  for j in range(1, nbr_idx.shape[1]):
+    out = out + nbr_w[:, j].astype(dtype)[expand] * jnp.take(x, nbr_idx[:, j], axis=0)
+  return out.astype(x.dtype)
+
+
+def combine(stacked_tree: PyTree, topology: Topology | Mixing, step=0) -> PyTree:
+  """Combines every leaf with the same weights: ``x_k <- sum_l a_lk x_l``.
+
+  Args:
+    stacked_tree: pytree whose leaves all have leading axis K.
+    topology: a Topology (its matrix at ``step``) or one step's Mixing.
+    step: picks the matrix of a time-varying Topology (may be traced).
+
+  Example::
+
+    topo = topology.make("ring", 4)
+    x = {"w": jnp.arange(4.0)}
+    combine(x, topo)["w"]   # each agent averages itself and its two neighbours
+  """
+  mix = as_mixing(topology, step)
+  return jax.tree.map(lambda x: _combine_leaf(x, mix.nbr_idx, mix.nbr_w), stacked_tree)
+
+
+def combine_dense(stacked_tree: PyTree, a) -> PyTree:
+  """Reference path: ``x_k <- sum_l A[l, k] x_l`` with a dense ``[K, K]`` matrix."""
+  a = jnp.asarray(a)
+
+  def leaf(x):
+    dtype = _acc_dtype(x)
+    return jnp.einsum("lk,l...->k...", a.astype(dtype), x.astype(dtype)).astype(x.dtype)
+
+  return jax.tree.map(leaf, stacked_tree)
+
+
+# --------------------------------------------------------------------------------------------
+# Layers.
+
+
+def _key_name(entry) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def leaf_paths(tree: PyTree) -> list[str]:
+  """'/'-joined key paths of the leaves, in ``jax.tree.leaves`` order."""
+  paths, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return ["/".join(_key_name(e) for e in path) for path, _ in paths]
+
+
+def layer_names(tree: PyTree, granularity: str = "module") -> list[str]:
+  """The layer each leaf belongs to, in leaf order.
+
+  ``module`` (default): the leaf's path without its last key, so a dense layer's kernel and bias,
+  or a BatchNorm's scale and bias, form one layer. ``leaf``: every leaf is its own layer.
+  """
+  if granularity not in ("module", "leaf"):
+    raise ValueError(f"unknown layer granularity {granularity!r}; expected 'module' or 'leaf'")
+  paths = leaf_paths(tree)
+  if granularity == "leaf":
+    return paths
+  return [p.rsplit("/", 1)[0] if "/" in p else p for p in paths]
+
+
+def unique_layers(names: list[str]) -> list[str]:
+  """Layer names in first-appearance order."""
+  return list(dict.fromkeys(names))
+
+
+def layer_sq_norms(stacked_tree: PyTree, names: list[str]) -> dict[str, jax.Array]:
+  """Per-agent squared Euclidean norm of each layer: dict layer -> ``[K]``."""
+  out = {}
+  for name, x in zip(names, jax.tree.leaves(stacked_tree)):
+    sq = jnp.sum(jnp.square(x.astype(_acc_dtype(x))).reshape(x.shape[0], -1), axis=1)
+    out[name] = out[name] + sq if name in out else sq
+  return out
+
+
+def layer_sizes(tree: PyTree, names: list[str], stacked: bool = True) -> dict[str, int]:
+  """Number of scalars per agent in each layer."""
+  out = {}
+  for name, x in zip(names, jax.tree.leaves(tree)):
+    size = int(np.prod(x.shape[1:] if stacked else x.shape))
+    out[name] = out.get(name, 0) + size
+  return out
+
+
+def combine_layers(stacked_tree: PyTree, nbr_idx, layer_w: Mapping[str, jax.Array],
+                   names: list[str]) -> PyTree:
+  """Combines each leaf with its layer's weights ``layer_w[name]`` (each ``[K, D]``)."""
+  leaves, treedef = jax.tree.flatten(stacked_tree)
+  out = [_combine_leaf(x, nbr_idx, layer_w[n]) for x, n in zip(leaves, names)]
+  return jax.tree.unflatten(treedef, out)
+
+
+def combine_layers_dense(stacked_tree: PyTree, layer_a: Mapping, names: list[str]) -> PyTree:
+  """Reference path of :func:`combine_layers` with dense ``[K, K]`` matrices per layer."""
+  leaves, treedef = jax.tree.flatten(stacked_tree)
+  out = [jax.tree.leaves(combine_dense([x], layer_a[n]))[0] for x, n in zip(leaves, names)]
+  return jax.tree.unflatten(treedef, out)

@@ -1,0 +1,130 @@
+"""The run configuration: every knob once, with its default and accepted values.
+
+``default_config()`` returns an ``ml_collections.ConfigDict``; ``resolve(config)`` merges a user's
+ConfigDict or plain dict onto it, refuses unknown fields and checks every value, raising one
+``ValueError`` line that names the field, the value and what is accepted.
+"""
+
+from collections.abc import Mapping
+
+import ml_collections
+
+from drt_jax import algorithms, backends, drt, models, topology
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
+DATASETS = ("synthetic",)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # seeds initialisation, partition, sampling and random graphs (split by purpose)
+  c.num_agents = 16  # K
+  # Graph: one of topology.KINDS; weights 'metropolis' or 'uniform'; options such as rows/cols/p.
+  c.topology = "ring"
+  c.topology_weights = "metropolis"
+  c.topology_options = ml_collections.ConfigDict()
+  c.lazy = 0.0  # alpha in alpha*I + (1-alpha)*A: slower mixing on the same graph (0 = off)
+  # Algorithm: one of algorithms.NAMES.
+  c.algorithm = "atc"
+  c.comm_every = 1  # combine every H-th step (local steps in between)
+  c.combine_batch_stats = False  # share BatchNorm statistics through the combine (else local)
+  c.drt = ml_collections.ConfigDict()
+  c.drt.strength = 1.0  # rho: gamma^(p) = rho * n^(p)^2
+  c.drt.floor = 0.05  # self-weight floor delta in [0, 1)
+  c.drt.eps = 1e-6  # relative norm guard
+  c.drt.granularity = "module"  # layers: 'module' or 'leaf'
+  c.drt.reference = "init"  # n^(p): norm at initialisation ('init') or current mean ('current')
+  # Model: one of models.NAMES, with its options.
+  c.model = "cnn"
+  c.model_options = ml_collections.ConfigDict()
+  c.same_init = True  # all agents start from one initialisation
+  # Local optimizer (state local to each agent).
+  c.optimizer = "sgd"  # one of OPTIMIZERS
+  c.learning_rate = 0.05
+  c.momentum = 0.9  # for 'momentum' / 'nesterov'
+  c.weight_decay = 0.0
+  # Data.
+  c.dataset = "synthetic"  # used when train_and_evaluate gets no in-memory data
+  c.batch_size = 32  # per agent
+  c.num_steps = 200
+  c.eval_every = 50  # also evaluates at step 0 and at the end
+  c.eval_examples = 1024  # test examples per evaluation (0 = the whole test split)
+  c.train_eval_examples = 1024  # fixed train subset for the generalization gap (0 = all)
+  c.eval_batch_size = 256
+  # Execution.
+  c.backend = "auto"  # one of backends.BACKENDS
+  c.chunk_size = 0  # agents per group for backend 'chunked'
+  c.log_every = 0  # progress lines every N steps (0 = at evaluations only)
+  return c
+
+
+def _fail(field, value, accepted):
+  raise ValueError(f"config.{field}={value!r} is not accepted; expected {accepted}")
+
+
+def _one_of(c, field, options):
+  if c[field] not in options:
+    _fail(field, c[field], "one of: " + ", ".join(options))
+
+
+def resolve(config: Mapping | ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
+  """Defaults overridden by ``config``; unknown fields and bad values raise ValueError."""
+  c = default_config()
+  if config is not None:
+    user = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    _merge(c, user, "")
+  validate(c)
+  return c
+
+
+def _merge(base, user, prefix):
+  for key, value in user.items():
+    if key not in base:
+      raise ValueError(f"unknown config field {prefix + key!r}; known fields: "
+                       f"{', '.join(sorted(base.keys()))}")
+    if key.endswith("options"):
+      base[key] = ml_collections.ConfigDict(dict(value))
+    elif isinstance(base[key], ml_collections.ConfigDict):
+      _merge(base[key], dict(value), f"{prefix}{key}.")
+    else:
+      base[key] = value
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Checks every field's value (not the data, which is checked when it is known)."""
+  _one_of(c, "topology", topology.KINDS)
+  _one_of(c, "topology_weights", topology.WEIGHT_RULES)
+  _one_of(c, "algorithm", algorithms.NAMES)
+  _one_of(c, "optimizer", OPTIMIZERS)
+  _one_of(c, "backend", backends.BACKENDS)
+  for field in ("num_agents", "batch_size", "comm_every", "eval_batch_size"):
+    if not isinstance(c[field], int) or c[field] < 1:
+      _fail(field, c[field], "an integer >= 1")
+  for field in ("num_steps", "eval_every", "eval_examples", "train_eval_examples", "chunk_size",
+                "log_every"):
+    if not isinstance(c[field], int) or c[field] < 0:
+      _fail(field, c[field], "an integer >= 0")
+  if not c.learning_rate > 0:
+    _fail("learning_rate", c.learning_rate, "a number > 0")
+  if not 0.0 <= c.momentum < 1.0:
+    _fail("momentum", c.momentum, "a number in [0, 1)")
+  if not c.weight_decay >= 0.0:
+    _fail("weight_decay", c.weight_decay, "a number >= 0")
+  if not 0.0 <= c.lazy < 1.0:
+    _fail("lazy", c.lazy, "a number in [0, 1)")
+  if not c.drt.strength >= 0:
+    _fail("drt.strength", c.drt.strength, "a number >= 0")
+  if not 0.0 <= c.drt.floor < 1.0:
+    _fail("drt.floor", c.drt.floor, "a number in [0, 1)")
+  if not c.drt.eps > 0:
+    _fail("drt.eps", c.drt.eps, "a number > 0")
+  if c.drt.granularity not in ("module", "leaf"):
+    _fail("drt.granularity", c.drt.granularity, "one of: module, leaf")
+  if c.drt.reference not in drt.REFERENCES:
+    _fail("drt.reference", c.drt.reference, "one of: " + ", ".join(drt.REFERENCES))
+  if isinstance(c.model, str) and c.model not in models.NAMES:
+    _fail("model", c.model, "one of: " + ", ".join(models.NAMES))
+  if c.dataset not in DATASETS:
+    _fail("dataset", c.dataset, "one of: " + ", ".join(DATASETS))
+  if c.backend == "chunked" and (c.chunk_size < 1 or c.num_agents % c.chunk_size):
+    _fail("chunk_size", c.chunk_size, f"an integer >= 1 dividing num_agents={c.num_agents}")

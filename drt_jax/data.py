@@ -1,0 +1,142 @@
+"""In-memory datasets, partitions across agents, and per-agent sampling inside the compiled step.
+
+The training images live on the device once (not K copies). Agent k owns a list of training
+indices; the lists are padded to a common length ``[K, N]`` with their true lengths ``[K]``. Each
+step every agent draws its batch from its own list, without replacement within a local epoch and
+in a fresh random order every epoch: positions ``t = step * B + b`` of agent k's stream map to
+``perm_e[t mod n_k]`` with ``e = t // n_k`` and ``perm_e`` a seeded permutation of its valid
+slots. The batch is a pure function of (key, step), so a resumed run draws the same batches.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Data(NamedTuple):
+  """A classification dataset in host memory, optionally already split across agents.
+
+  Images are ``[N, H, W, C]`` (uint8 or float); labels int ``[N]``. ``agent_indices`` is one
+  array of training indices per agent (``None``: an IID split is drawn).
+  """
+
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  agent_indices: Sequence[np.ndarray] | None = None
+  num_classes: int | None = None
+  name: str = "in_memory"
+
+  @property
+  def classes(self) -> int:
+    if self.num_classes is not None:
+      return int(self.num_classes)
+    return int(max(self.train_labels.max(), self.test_labels.max())) + 1
+
+
+def as_data(data) -> Data:
+  """Accepts a :class:`Data` or a mapping with its field names."""
+  if isinstance(data, Data):
+    return data
+  if isinstance(data, Mapping):
+    unknown = sorted(set(data) - set(Data._fields))
+    if unknown:
+      raise ValueError(f"unknown data field {unknown[0]!r}; expected some of: "
+                       f"{', '.join(Data._fields)}")
+    return Data(**data)
+  raise TypeError(f"data must be drt_jax.data.Data or a mapping, got {type(data).__name__}")
+
+
+def synthetic(num_train: int = 4096, num_test: int = 1024, num_classes: int = 10,
+              shape: tuple[int, ...] = (28, 28, 1), separation: float = 0.1,
+              seed: int = 0) -> Data:
+  """A seeded synthetic image task: smooth random class prototypes plus unit pixel noise (uint8).
+
+  ``separation`` scales the prototypes against the noise: smaller is harder.
+
+  Small and offline, for tests and the built-in demo; not a benchmark.
+  """
+  rng = np.random.default_rng(seed)
+  coarse = rng.normal(size=(num_classes, 7, 7, shape[-1]))
+  reps = (shape[0] + 6) // 7, (shape[1] + 6) // 7
+  protos = np.kron(coarse, np.ones((1, *reps, 1)))[:, :shape[0], :shape[1]]
+
+  def draw(n):
+    labels = rng.integers(0, num_classes, n)
+    x = separation * protos[labels] + rng.normal(size=(n, *shape))
+    return np.clip(127.5 + 50.0 * x, 0, 255).astype(np.uint8), labels.astype(np.int32)
+
+  train_x, train_y = draw(num_train)
+  test_x, test_y = draw(num_test)
+  return Data(train_x, train_y, test_x, test_y, None, num_classes, "synthetic")
+
+
+def partition_iid(num_examples: int, num_agents: int, seed: int = 0) -> list[np.ndarray]:
+  """A seeded random split of ``range(num_examples)`` into K near-equal parts."""
+  if num_agents > num_examples:
+    raise ValueError(f"K={num_agents} agents but only {num_examples} training examples; "
+                     "use fewer agents or more data")
+  perm = np.random.default_rng(seed).permutation(num_examples)
+  return [np.sort(p) for p in np.array_split(perm, num_agents)]
+
+
+def pad_partition(parts: Sequence[np.ndarray], num_examples: int) -> tuple[np.ndarray,
+                                                                           np.ndarray]:
+  """Per-agent index lists -> ``(idx int32[K, N], counts int32[K])``, padding with index 0."""
+  counts = np.array([len(p) for p in parts], np.int32)
+  if counts.min(initial=1) < 1:
+    raise ValueError(f"agent {int(np.argmin(counts))} has no training examples; every agent "
+                     "needs at least one")
+  idx = np.zeros((len(parts), int(counts.max())), np.int32)
+  for k, p in enumerate(parts):
+    p = np.asarray(p)
+    if p.size and (p.min() < 0 or p.max() >= num_examples):
+      raise ValueError(f"agent {k}'s indices fall outside [0, {num_examples}); index lists "
+                       "must point into the training split")
+    idx[k, :len(p)] = p
+  return idx, counts
+
+
+def check_batch(counts: np.ndarray, batch_size: int) -> None:
+  small = np.flatnonzero(counts < batch_size)
+  if small.size:
+    k = int(small[0])
+    raise ValueError(f"batch_size={batch_size} exceeds agent {k}'s partition of {counts[k]} "
+                     f"examples; lower batch_size to <= {int(counts.min())} or use fewer agents")
+
+
+def _epoch_order(key, epoch, count, width):
+  """A random order of the valid slots ``[0, count)`` of a padded list (padding sorts last)."""
+  u = jax.random.uniform(jax.random.fold_in(key, epoch), (width,))
+  return jnp.argsort(jnp.where(jnp.arange(width) < count, u, 2.0))
+
+
+def sample_indices(key, step, idx_KxN, counts_K, batch_size: int):
+  """Each agent's batch of training indices at ``step``: ``int32[K, batch_size]``.
+
+  Requires ``batch_size <= counts`` (checked on the host by :func:`check_batch`), so a batch
+  spans at most two local epochs.
+  """
+  width = idx_KxN.shape[1]
+  keys = jax.random.split(key, idx_KxN.shape[0])
+
+  def one(key_k, idx, count):
+    t = step * batch_size + jnp.arange(batch_size)
+    first = (step * batch_size) // count
+    epoch, offset = t // count, t % count
+    slot = jnp.where(epoch == first, _epoch_order(key_k, first, count, width)[offset],
+                     _epoch_order(key_k, first + 1, count, width)[offset])
+    return idx[slot]
+
+  return jax.vmap(one)(keys, idx_KxN, counts_K)
+
+
+def normalisation(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel mean and std (in the images' own scale) of a training set."""
+  flat = images.reshape(-1, images.shape[-1]).astype(np.float64)
+  return flat.mean(axis=0).astype(np.float32), np.maximum(flat.std(axis=0), 1e-6).astype(
+      np.float32)

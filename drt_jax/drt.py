@@ -1,0 +1,241 @@
+r"""Deep relative trust (DRT) and the layer-wise combination weights of DRT diffusion.
+
+Deep relative trust (Bernstein et al. 2020, arXiv 2002.03432) bounds how far two networks of one
+architecture are apart in *function* space from their parameters alone:
+
+    DRT(w_l -> w_k) = prod_p (1 + d_lk^(p)) - 1,    d_lk^(p) = ||w_k^(p) - w_l^(p)|| / ||w_l^(p)||
+
+over the layers p. DRT diffusion (Li, Fainman, Vlaski, arXiv 2501.03162) turns a penalty on it into
+layer-wise, time-varying combination weights. The paper's full text was not available to us; the
+weights below are our derivation, documented in ``docs/drt_diffusion.md`` of the shared spec and
+in ``README.md``: after the local step psi, with base weights c_lk and guarded norms,
+
+    beta_lk^(p) = prod_{q != p} (1 + (d_lk^(q))^2) / ||psi_l^(p)||^2
+    a_lk^(p)    = gamma^(p) c_lk beta_lk^(p)        (l != k),   a_kk^(p) = 1 - sum_{l != k} a_lk^(p)
+
+with gamma^(p) = rho * n_0^(p)^2 (n_0: the layer's norm at initialisation, or the agents' current
+mean norm with ``reference="current"``), and the floor delta: a column whose off-diagonal mass s_k
+exceeds 1 - delta is scaled by (1 - delta) / s_k. Everything is computed in log space (log1p,
+logsumexp), so agents initialised independently, whose DRT overflows float32, still get finite
+weights (they saturate at the floor).
+
+Variants:
+  * ``drt`` -- as above.
+  * ``drt_symmetric`` -- d_lk^(q) = ||psi_k^(q) - psi_l^(q)|| / sqrt(||psi_k^(q)|| ||psi_l^(q)||) and
+    beta's denominator ||psi_k^(p)|| ||psi_l^(p)||, so beta_lk = beta_kl; the floor is applied per
+    edge with min(f_k, f_l), f_k = min(1, (1 - delta) / s_k). With symmetric base weights every
+    per-layer matrix is symmetric, hence doubly stochastic: the network average of each layer is kept.
+  * ``drt_normalized`` -- a_kk = max(c_kk, delta) and the remaining mass 1 - a_kk shared among the
+    neighbours in proportion to c_lk beta_lk^(p); rho plays no role.
+
+Every per-layer matrix is non-negative, supported on the graph, has columns summing to one and
+self-weights >= delta (``drt``, ``drt_symmetric``; ``drt_normalized`` keeps max(c_kk, delta)).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from drt_jax import combine as combine_lib
+from drt_jax.topology import Topology, to_dense
+from drt_jax.types import Mixing, PyTree
+
+VARIANTS = ("drt", "drt_symmetric", "drt_normalized")
+REFERENCES = ("init", "current")
+
+
+def check_options(variant: str, floor: float, eps: float, strength=None, reference="init"):
+  """Raises ValueError naming the first option outside its accepted range."""
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown DRT variant {variant!r}; expected one of: {', '.join(VARIANTS)}")
+  if not 0.0 <= floor < 1.0:
+    raise ValueError(f"DRT floor={floor} is outside [0, 1); the self-weight floor delta must be "
+                     "in [0, 1), e.g. 0.05")
+  if not eps > 0.0:
+    raise ValueError(f"DRT eps={eps} must be > 0 (the relative norm guard, e.g. 1e-6)")
+  if strength is not None and not np.all(np.asarray(strength) >= 0):
+    raise ValueError(f"DRT strength={strength} must be >= 0")
+  if reference not in REFERENCES:
+    raise ValueError(f"unknown DRT reference {reference!r}; expected one of: "
+                     f"{', '.join(REFERENCES)}")
+
+
+def guarded_sq_norms(stacked_tree: PyTree, names: list[str], eps: float) -> dict:
+  """max(||v||, eps sqrt(size(v)))^2 per layer and agent: dict layer -> ``[K]``."""
+  sq = combine_lib.layer_sq_norms(stacked_tree, names)
+  sizes = combine_lib.layer_sizes(stacked_tree, names)
+  return {p: jnp.maximum(v, eps * eps * sizes[p]) for p, v in sq.items()}
+
+
+def calibrate(stacked_params: PyTree, names: list[str], eps: float = 1e-6) -> dict:
+  """n_0^(p)^2: each layer's squared norm at initialisation, averaged over agents."""
+  return {p: jnp.mean(v) for p, v in guarded_sq_norms(stacked_params, names, eps).items()}
+
+
+def _edge_sq_dists(stacked_tree, names, nbr_idx) -> dict:
+  """||psi_k^(p) - psi_l^(p)||^2 for l = nbr_idx[k, j]: dict layer -> ``[K, D]`` (slot 0 = 0)."""
+  width = nbr_idx.shape[1]
+  out = {}
+  for name, x in zip(names, jax.tree.leaves(stacked_tree)):
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32)).reshape(x.shape[0], -1)
+    cols = [jnp.zeros(x.shape[0], x.dtype)]
+    for j in range(1, width):
+      cols.append(jnp.sum(jnp.square(x - jnp.take(x, nbr_idx[:, j], axis=0)), axis=1))
+    sq = jnp.stack(cols, axis=1)
+    out[name] = out[name] + sq if name in out else sq
+  return out
+
+
+def _leave_one_out(logs):
+  """sum_{q != p} logs[q] without the cancellation of (total - own): logs ``[P, ...]``."""
+  p_count = logs.shape[0]
+  return jnp.tensordot(1.0 - jnp.eye(p_count, dtype=logs.dtype), logs, axes=1)
+
+
+def weights(psi: PyTree, mixing: Mixing, names: list[str], gamma: dict, *, variant: str = "drt",
+            floor: float = 0.05, eps: float = 1e-6):
+  """Per-layer combination weights of DRT diffusion on the neighbour list of ``mixing``.
+
+  Args:
+    psi: stacked parameters after the local step (leading axis K).
+    mixing: base weights c_lk as a padded neighbour list (slot 0 = self).
+    names: the layer of each leaf of ``psi`` (:func:`drt_jax.combine.layer_names`).
+    gamma: dict layer -> per-layer strength gamma^(p) (a scalar; unused by ``drt_normalized``).
+    variant: one of :data:`VARIANTS`.
+    floor: the self-weight floor delta in [0, 1).
+    eps: relative norm guard.
+
+  Returns:
+    ``(layer_w, log1p_drt)``: dict layer -> ``[K, D]`` weights a_lk^(p) on the neighbour list
+    (slot 0 = a_kk^(p)), and ``log(1 + DRT(psi_l -> psi_k))`` per listed edge ``[K, D]``
+    (0 on the self slot and on padding).
+  """
+  nbr_idx, c = mixing
+  layers = combine_lib.unique_layers(names)
+  sq_norm = guarded_sq_norms(psi, names, eps)
+  log_n = jnp.stack([0.5 * jnp.log(sq_norm[p]) for p in layers])  # [P, K]
+  log_n_l = log_n[:, nbr_idx]  # [P, K, D]: the neighbour's norm
+  log_n_k = log_n[:, :, None]
+  dist = _edge_sq_dists(psi, names, nbr_idx)
+  log_dist = 0.5 * jnp.log(jnp.stack([dist[p] for p in layers]))  # -inf where equal
+  neighbour = (jnp.arange(c.shape[1]) > 0)[None, :] & (c > 0)  # [K, D]
+
+  log_d_ref = log_dist - log_n_l  # d_lk with the neighbour as reference, as DRT defines it
+  log1p_drt = jnp.where(neighbour, jnp.sum(jnp.log1p(jnp.exp(log_d_ref)), axis=0), 0.0)
+
+  if variant == "drt_symmetric":
+    log_d = log_dist - 0.5 * (log_n_k + log_n_l)
+    log_denom = log_n_k + log_n_l
+  else:
+    log_d = log_d_ref
+    log_denom = 2.0 * log_n_l
+  log_beta = _leave_one_out(jnp.log1p(jnp.exp(2.0 * log_d))) - log_denom  # [P, K, D]
+  log_c = jnp.where(neighbour, jnp.log(jnp.where(neighbour, c, 1.0)), -jnp.inf)
+
+  if variant == "drt_normalized":
+    self_w = jnp.where(jnp.any(neighbour, axis=1), jnp.maximum(c[:, 0], floor), 1.0)  # [K]
+    share = jax.nn.softmax(jnp.where(neighbour, log_c + log_beta, -jnp.inf), axis=-1,
+                           where=neighbour)
+    off = jnp.where(neighbour, share, 0.0) * (1.0 - self_w)[None, :, None]
+  else:
+    log_gamma = jnp.log(jnp.stack([jnp.asarray(gamma[p], jnp.float32) for p in layers]))
+    log_a = log_gamma[:, None, None] + log_c + log_beta  # [P, K, D], -inf off the graph
+    log_s = jax.nn.logsumexp(log_a, axis=-1)  # [P, K]; -inf for an agent without neighbours
+    log_f = jnp.minimum(0.0, jnp.log1p(-floor) - log_s)  # log min(1, (1 - delta) / s_k)
+    if variant == "drt_symmetric":
+      log_f = jnp.minimum(log_f[:, :, None], log_f[:, nbr_idx])  # per edge: min(f_k, f_l)
+    else:
+      log_f = log_f[:, :, None]
+    off = jnp.where(neighbour, jnp.exp(log_a + log_f), 0.0)
+  self_w = 1.0 - jnp.sum(off, axis=-1)  # [P, K]
+  a = off.at[:, :, 0].set(self_w)
+  return {p: a[i] for i, p in enumerate(layers)}, log1p_drt
+
+
+def weights_dense(psi: PyTree, a_base: np.ndarray, names: list[str], gamma: dict, *,
+                  variant: str = "drt", floor: float = 0.05, eps: float = 1e-6) -> dict:
+  """Reference implementation of :func:`weights` on dense K x K matrices, in numpy float64."""
+  leaves = [np.asarray(x, np.float64).reshape(x.shape[0], -1) for x in jax.tree.leaves(psi)]
+  layers = combine_lib.unique_layers(names)
+  k_count = a_base.shape[0]
+  cat = {p: np.concatenate([x for x, n in zip(leaves, names) if n == p], axis=1) for p in layers}
+  norm = {p: np.maximum(np.linalg.norm(v, axis=1), eps * np.sqrt(v.shape[1]))
+          for p, v in cat.items()}
+  # dist[p][l, k] = ||psi_k - psi_l||
+  dist = {p: np.linalg.norm(v[None, :, :] - v[:, None, :], axis=-1) for p, v in cat.items()}
+  nbr = (a_base > 0) & ~np.eye(k_count, dtype=bool)
+  out = {}
+  for p in layers:
+    beta = np.ones((k_count, k_count))
+    for q in layers:
+      if q == p:
+        continue
+      if variant == "drt_symmetric":
+        d = dist[q] / np.sqrt(norm[q][:, None] * norm[q][None, :])
+      else:
+        d = dist[q] / norm[q][:, None]  # reference l = row
+      beta = beta * (1.0 + d ** 2)
+    if variant == "drt_symmetric":
+      beta = beta / (norm[p][:, None] * norm[p][None, :])
+    else:
+      beta = beta / norm[p][:, None] ** 2
+    a = np.zeros((k_count, k_count))
+    if variant == "drt_normalized":
+      for k in range(k_count):
+        ls = np.flatnonzero(nbr[:, k])
+        if not ls.size:
+          a[k, k] = 1.0
+          continue
+        a[k, k] = max(a_base[k, k], floor)
+        mass = a_base[ls, k] * beta[ls, k]
+        a[ls, k] = (1.0 - a[k, k]) * mass / mass.sum()
+    else:
+      off = np.where(nbr, float(gamma[p]) * a_base * beta, 0.0)
+      f = np.minimum(1.0, (1.0 - floor) / np.maximum(off.sum(axis=0), 1e-300))
+      if variant == "drt_symmetric":
+        off = off * np.minimum(f[:, None], f[None, :])
+      else:
+        off = off * f[None, :]
+      a = off + np.diag(1.0 - off.sum(axis=0))
+    out[p] = a
+  return out
+
+
+def layer_matrices(stacked_params: PyTree, topology: Topology | Mixing, *, variant: str = "drt",
+                   strength: float = 1.0, floor: float = 0.05, eps: float = 1e-6,
+                   granularity: str = "module", calibration: PyTree | None = None,
+                   step: int = 0, method: str = "sparse") -> dict:
+  """The per-layer combination matrices DRT diffusion would use on ``stacked_params``.
+
+  Args:
+    stacked_params: psi, the stacked parameters to combine (leading axis K).
+    topology: base weights c_lk.
+    variant, floor, eps: as in :func:`weights`.
+    strength: rho; gamma^(p) = rho n_0^(p)^2.
+    granularity: ``module`` or ``leaf`` layers (:func:`drt_jax.combine.layer_names`).
+    calibration: stacked parameters that define n_0 (default: ``stacked_params`` themselves).
+    step: the step of a time-varying topology.
+    method: ``sparse`` (the implementation used in training) or ``dense`` (the float64 reference).
+
+  Returns:
+    dict layer name -> numpy ``[K, K]`` with ``A[l, k] = a_lk^(p)`` (columns sum to one).
+
+  Example::
+
+    mats = drt.layer_matrices(params, topology.make("ring", 8))
+    {name: m.diagonal().mean() for name, m in mats.items()}   # mean self-weight per layer
+  """
+  check_options(variant, floor, eps, strength)
+  names = combine_lib.layer_names(stacked_params, granularity)
+  ref = stacked_params if calibration is None else calibration
+  gamma = {p: strength * v for p, v in calibrate(ref, names, eps).items()}
+  mix = combine_lib.as_mixing(topology, step)
+  if method == "dense":
+    a_base = to_dense(np.asarray(mix.nbr_idx), np.asarray(mix.nbr_w))
+    return weights_dense(stacked_params, a_base, names, gamma, variant=variant, floor=floor,
+                         eps=eps)
+  if method != "sparse":
+    raise ValueError(f"unknown method {method!r}; expected 'sparse' or 'dense'")
+  layer_w, _ = weights(stacked_params, mix, names, gamma, variant=variant, floor=floor, eps=eps)
+  idx = np.asarray(mix.nbr_idx)
+  return {p: to_dense(idx, np.asarray(w, np.float64)) for p, w in layer_w.items()}

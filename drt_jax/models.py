@@ -1,0 +1,195 @@
+"""Networks behind two pure functions, so nothing outside this module knows they are flax.
+
+A :class:`Model` is ``init(key) -> variables`` and ``apply(variables, x, train) -> (logits,
+new_state)`` plus the example shape and class count:
+
+* ``variables`` is a dict ``{'params': ..., <other collections>...}``; everything but ``'params'``
+  (e.g. ``'batch_stats'``) is *model state*, updated by the forward pass rather than by gradients.
+* ``x`` is a batch ``[B, *input_shape]``, NHWC for images, uint8 or float; models do not normalise
+  (the data pipeline does). Logits are ``float32[B, num_classes]`` whatever the compute dtype.
+* ``train`` is a Python bool (static under ``jit``). With ``train=True`` BatchNorm uses batch
+  statistics and ``new_state`` holds the updated collections; with ``train=False`` it uses the
+  running averages and ``new_state`` is the state passed in. ``new_state`` is ``{}`` for a model
+  without state.
+
+These functions see one agent. The system vmaps them over the leading agent axis of stacked trees
+(see :mod:`drt_jax.types`), so BatchNorm never sets ``axis_name``: each agent keeps its own
+statistics and one agent's batch never touches another's.
+
+``dtype`` (e.g. ``jnp.bfloat16``) sets the compute dtype; parameters stay float32.
+"""
+
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+class Model(NamedTuple):
+  """A network as two pure functions; nothing outside this module knows it is flax."""
+
+  init: Callable[[jax.Array], dict]  # key -> variables
+  apply: Callable[[dict, jax.Array, bool], tuple[jax.Array, dict]]  # -> (logits, new_state)
+  input_shape: tuple[int, ...]  # one example, e.g. (28, 28, 1)
+  num_classes: int
+
+
+def _takes_train(module: nn.Module) -> bool:
+  return "train" in inspect.signature(module.__call__).parameters
+
+
+def from_flax(module: nn.Module, input_shape: Sequence[int], num_classes: int) -> Model:
+  """Wraps a linen module whose ``__call__(x[, train])`` returns logits.
+
+  Modules without a ``train`` argument are called as ``module(x)``. Every collection other than
+  ``'params'`` is treated as state: mutable when ``train=True``, returned as given otherwise.
+  There is no rng argument, so stochastic layers (dropout) are not supported.
+  """
+  input_shape = tuple(input_shape)
+  takes_train = _takes_train(module)
+
+  def call(variables, x, train, **kw):
+    if takes_train:
+      return module.apply(variables, x, train=train, **kw)
+    return module.apply(variables, x, **kw)
+
+  def init(key):
+    x = jnp.zeros((1, *input_shape), jnp.float32)
+    kw = {"train": False} if takes_train else {}
+    return dict(module.init(key, x, **kw))
+
+  def apply(variables, x, train):
+    state = {k: v for k, v in variables.items() if k != "params"}
+    if not (train and state):
+      logits = call(variables, x, train)
+      return logits.astype(jnp.float32), state
+    logits, new_state = call(variables, x, train, mutable=list(state))
+    return logits.astype(jnp.float32), dict(new_state)
+
+  return Model(init, apply, input_shape, num_classes)
+
+
+def _as_input(x, dtype):
+  return jnp.asarray(x, dtype or jnp.float32)
+
+
+def _batch_norm(train, dtype):
+  # No axis_name, on purpose: statistics are per agent (see the module docstring).
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=dtype)
+
+
+class _BasicBlock(nn.Module):
+  """Two 3x3 convs with an identity shortcut, or 1x1 conv + BN when the shape changes."""
+
+  features: int
+  strides: int = 1
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                             kernel_init=nn.initializers.kaiming_normal())
+    bn = functools.partial(_batch_norm, train, self.dtype)
+    y = conv(self.features, (3, 3), self.strides)(x)
+    y = nn.relu(bn()(y))
+    y = conv(self.features, (3, 3))(y)
+    y = bn()(y)
+    if x.shape != y.shape:
+      x = bn()(conv(self.features, (1, 1), self.strides)(x))
+    return nn.relu(x + y)
+
+
+class ResNet20(nn.Module):
+  """CIFAR ResNet-20 (He et al. 2016, arXiv:1512.03385 sec. 4.2): 272,474 params on 32x32x3.
+
+  3x3 conv 16, then 3 stages of 3 basic blocks with 16/32/64 channels (stride 2 entering stages
+  2 and 3), global average pool, dense. Shortcuts on a shape change are 1x1 conv + BN (option B).
+  """
+
+  num_classes: int = 10
+  stage_sizes: Sequence[int] = (3, 3, 3)
+  widths: Sequence[int] = (16, 32, 64)
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = _as_input(x, self.dtype)
+    x = nn.Conv(self.widths[0], (3, 3), use_bias=False, dtype=self.dtype,
+                kernel_init=nn.initializers.kaiming_normal())(x)
+    x = nn.relu(_batch_norm(train, self.dtype)(x))
+    for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
+      for block in range(blocks):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = _BasicBlock(width, strides, self.dtype)(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+class CNN(nn.Module):
+  """Small CNN for 28x28x1, about 0.33M params: deliberately large for MNIST, cheap to run.
+
+  conv 16 -> maxpool -> conv 32 -> maxpool -> conv 64 -> dense 96 -> dense classes, 3x3 SAME
+  convs and relu. Pooling early keeps it at about 2.3M multiply-adds per 28x28 image (the
+  parameters sit mostly in the first dense layer), so K agents train on a 2-core CPU.
+  ``batch_norm=True`` puts BatchNorm (in place of the conv bias) after each conv.
+  """
+
+  num_classes: int = 10
+  features: Sequence[int] = (16, 32, 64)
+  hidden: int = 96
+  batch_norm: bool = False
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = _as_input(x, self.dtype)
+    for i, width in enumerate(self.features):
+      x = nn.Conv(width, (3, 3), use_bias=not self.batch_norm, dtype=self.dtype)(x)
+      if self.batch_norm:
+        x = _batch_norm(train, self.dtype)(x)
+      x = nn.relu(x)
+      if i < len(self.features) - 1:
+        x = nn.max_pool(x, (2, 2), (2, 2))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(x))
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+class MLP(nn.Module):
+  """Flatten, relu hidden layers (default 256, 256), dense; 269,322 params on 28x28x1."""
+
+  num_classes: int = 10
+  hidden: Sequence[int] = (256, 256)
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = _as_input(x, self.dtype).reshape(x.shape[0], -1)
+    for width in self.hidden:
+      x = nn.relu(nn.Dense(width, dtype=self.dtype)(x))
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+# name -> (module class, default input shape)
+_MODELS = {
+    "resnet20": (ResNet20, (32, 32, 3)),
+    "cnn": (CNN, (28, 28, 1)),
+    "mlp": (MLP, (28, 28, 1)),
+}
+NAMES = tuple(sorted(_MODELS))  # the names make() accepts
+
+
+def make(name: str, num_classes: int = 10, input_shape: Sequence[int] | None = None,
+         **kw) -> Model:
+  """The named model (``resnet20``, ``cnn``, ``mlp``); ``kw`` go to its module constructor."""
+  if name not in _MODELS:
+    raise ValueError(f"unknown model {name!r}; expected one of: {', '.join(NAMES)}")
+  cls, default_shape = _MODELS[name]
+  module = cls(num_classes=num_classes, **kw)
+  return from_flax(module, input_shape or default_shape, num_classes)

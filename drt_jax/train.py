@@ -1,0 +1,418 @@
+"""Training K agents as one compiled step, and the Python entry point ``train_and_evaluate``.
+
+One train step, jitted once with the state donated:
+
+  1. every agent draws its batch from its own index list (:func:`drt_jax.data.sample_indices`);
+  2. per-agent loss and gradients at ``grad_point`` (the params, or CTA's combined point), run
+     over the agent axis by the configured back-end (:mod:`drt_jax.backends`);
+  3. the algorithm's step: local optimizer update and combination (:mod:`drt_jax.algorithms`);
+  4. BatchNorm statistics combined too when ``config.combine_batch_stats``.
+
+The topology and the data are arguments of the compiled step, so new weights, a time-varying
+schedule or another dataset of the same shapes never recompile; learning rate and DRT strength
+live in the state, so sweeping them does not recompile either (compiled steps are cached per
+static configuration within a process).
+"""
+
+import functools
+import json
+import os
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from drt_jax import algorithms, backends, models
+from drt_jax import combine as combine_lib
+from drt_jax import config as config_lib
+from drt_jax import data as data_lib
+from drt_jax import drt as drt_lib
+from drt_jax import metrics as metrics_lib
+from drt_jax import topology as topology_lib
+from drt_jax.types import PyTree
+
+
+class TrainState(NamedTuple):
+  """Everything that changes during training; every leaf but ``step``/``key`` is stacked [K, ...]."""
+
+  params: PyTree
+  model_state: PyTree  # non-trained collections (BatchNorm statistics), {} if none
+  alg_state: Any
+  step: jax.Array  # int32 scalar
+  key: jax.Array  # typed PRNG key for batch sampling
+
+
+class DeviceData(NamedTuple):
+  """The training set on device once, and the agents' padded index lists."""
+
+  images: jax.Array  # [N, ...] as stored (uint8 or float)
+  labels: jax.Array  # int32[N]
+  idx: jax.Array  # int32[K, Nmax]
+  counts: jax.Array  # int32[K]
+  mean: jax.Array  # per-channel normalisation
+  std: jax.Array
+
+
+class EvalSet(NamedTuple):
+  images: jax.Array  # [num_batches, batch, ...]
+  labels: jax.Array  # int32[num_batches, batch]
+  mask: jax.Array  # bool[num_batches, batch]
+
+
+def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9,
+                   weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """The local optimizer with its hyperparameters in its state (sweeps do not recompile)."""
+
+  def build(learning_rate, weight_decay, momentum):
+    if name == "adam":
+      return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate))
+    if name == "adamw":
+      return optax.adamw(learning_rate, weight_decay=weight_decay)
+    trace = () if name == "sgd" else (optax.trace(momentum, nesterov=name == "nesterov"),)
+    return optax.chain(optax.add_decayed_weights(weight_decay), *trace,
+                       optax.scale_by_learning_rate(learning_rate))
+
+  if name not in config_lib.OPTIMIZERS:
+    raise ValueError(f"unknown optimizer {name!r}; expected one of: "
+                     f"{', '.join(config_lib.OPTIMIZERS)}")
+  return optax.inject_hyperparams(build)(learning_rate=learning_rate, weight_decay=weight_decay,
+                                         momentum=momentum)
+
+
+def make_algorithm(c: ml_collections.ConfigDict) -> algorithms.Algorithm:
+  opt = make_optimizer(c.optimizer, c.learning_rate, c.momentum, c.weight_decay)
+  kw = {"comm_every": c.comm_every}
+  if algorithms.uses_drt(c.algorithm):
+    kw.update(strength=c.drt.strength, floor=c.drt.floor, eps=c.drt.eps,
+              granularity=c.drt.granularity, reference=c.drt.reference)
+  return algorithms.make(c.algorithm, opt, **kw)
+
+
+def make_topology(c: ml_collections.ConfigDict) -> topology_lib.Topology:
+  if c.algorithm == "local":
+    return topology_lib.identity(c.num_agents)
+  options = dict(c.topology_options)
+  if c.lazy:
+    options["lazy"] = c.lazy
+  return topology_lib.make(c.topology, c.num_agents, weights=c.topology_weights, seed=c.seed,
+                           **options)
+
+
+def make_model(c: ml_collections.ConfigDict, data: data_lib.Data) -> models.Model:
+  return models.make(c.model, data.classes, input_shape=data.train_images.shape[1:],
+                     **dict(c.model_options))
+
+
+def _normalise(x, mean, std):
+  return (x.astype(jnp.float32) - mean) / std
+
+
+def _stack(tree, k_count):
+  return jax.tree.map(lambda x: jnp.tile(x[None], (k_count,) + (1,) * x.ndim), tree)
+
+
+# --------------------------------------------------------------------------------------------
+# The compiled programs.
+
+
+class Programs(NamedTuple):
+  """The jitted train step and evaluation functions of one static configuration."""
+
+  train_step: Any  # (state, topology, data) -> (state, metrics)
+  evaluate: Any  # (params, model_state, EvalSet) -> per-agent sums
+  param_metrics: Any  # (params, model_state, alg_state, topology) -> dict
+
+
+def build_programs(c: ml_collections.ConfigDict, model: models.Model,
+                   alg: algorithms.Algorithm) -> Programs:
+  """Jits the train step and the evaluation functions for config ``c``."""
+  k_count, batch = c.num_agents, c.batch_size
+  lift = functools.partial(backends.per_agent, backend=c.backend, num_agents=k_count,
+                           chunk_size=c.chunk_size or None)
+
+  def agent_loss(params, model_state, x, y):
+    logits, new_state = model.apply({"params": params, **model_state}, x, True)
+    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+    acc = jnp.mean(jnp.argmax(logits, -1) == y)
+    return loss, (acc, new_state)
+
+  def agent_grads(params, model_state, x, y):
+    (loss, (acc, new_state)), grads = jax.value_and_grad(agent_loss, has_aux=True)(
+        params, model_state, x, y)
+    return loss, acc, new_state, grads
+
+  lifted_grads = lift(agent_grads)
+
+  def train_step(state: TrainState, topology, d: DeviceData):
+    key = jax.random.fold_in(state.key, state.step)
+    idx = data_lib.sample_indices(key, state.step, d.idx, d.counts, batch)
+    x = _normalise(d.images[idx], d.mean, d.std)
+    y = d.labels[idx]
+    point = state.params
+    if alg.grad_point is not None:
+      point = alg.grad_point(state.params, state.alg_state, topology)
+    loss, acc, model_state, grads = lifted_grads(point, state.model_state, x, y)
+    params, alg_state = alg.step(state.params, grads, state.alg_state, topology)
+    if c.combine_batch_stats and jax.tree.leaves(model_state):
+      model_state = alg.combine_stats(model_state, alg_state, topology)
+    new = TrainState(params, model_state, alg_state, state.step + 1, state.key)
+    return new, {"loss": loss, "acc": acc}
+
+  def agent_logits(params, model_state, x):
+    return model.apply({"params": params, **model_state}, x, False)[0]
+
+  lifted_logits = lift(agent_logits, shared=(2,))
+
+  def evaluate(params, model_state, ev: EvalSet, mean, std):
+    mean_params = metrics_lib.centroid(params)
+    mean_state = metrics_lib.centroid(model_state)
+
+    def body(carry, batch):
+      x, y, mask = batch
+      x = _normalise(x, mean, std)
+      logits = lifted_logits(params, model_state, x)  # [K, B, C]
+      probs = jax.nn.softmax(logits)
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y[None])
+      correct = jnp.argmax(logits, -1) == y[None]
+      c_logits = agent_logits(mean_params, mean_state, x)
+      sums = {
+          "correct": jnp.sum(jnp.where(mask[None], correct, False), axis=1),
+          "loss": jnp.sum(jnp.where(mask[None], loss, 0.0), axis=1),
+          "centroid_correct": jnp.sum(jnp.where(mask, jnp.argmax(c_logits, -1) == y, False)),
+          "disagreement": metrics_lib.output_disagreement(probs, mask),
+      }
+      return jax.tree.map(jnp.add, carry, sums), None
+
+    zero = {"correct": jnp.zeros(k_count, jnp.int32), "loss": jnp.zeros(k_count),
+            "centroid_correct": jnp.zeros((), jnp.int32), "disagreement": jnp.zeros(())}
+    zero = jax.tree.map(lambda z: z.astype(jnp.float32), zero)
+    sums, _ = jax.lax.scan(body, zero, (ev.images, ev.labels, ev.mask))
+    return sums
+
+  drt_names_granularity = c.drt.granularity
+
+  def param_metrics(params, model_state, alg_state, topology):
+    names = combine_lib.layer_names(params, "module")
+    total, per_layer = metrics_lib.consensus_distance(params, names)
+    out = {"consensus_distance": total,
+           **{f"consensus/{p}": v for p, v in per_layer.items()}}
+    if jax.tree.leaves(model_state):
+      stats_names = combine_lib.layer_names(model_state, "module")
+      out["stats_consensus_distance"] = metrics_lib.consensus_distance(model_state,
+                                                                       stats_names)[0]
+    if k_count > 1 and c.algorithm != "local":
+      mix = combine_lib.as_mixing(topology, jnp.maximum(alg_state.count - 1, 0))
+      d_names = combine_lib.layer_names(params, drt_names_granularity)
+      gamma = {p: jnp.ones(()) for p in combine_lib.unique_layers(d_names)}
+      _, log1p_drt = drt_lib.weights(params, mix, d_names, gamma, eps=c.drt.eps)
+      edge = (jnp.arange(mix.nbr_w.shape[1]) > 0)[None, :] & (mix.nbr_w > 0)
+      n_edges = jnp.maximum(jnp.sum(edge), 1)
+      out["drt_log1p_mean"] = jnp.sum(jnp.where(edge, log1p_drt, 0.0)) / n_edges
+      out["drt_mean"] = jnp.sum(jnp.where(edge, jnp.expm1(log1p_drt), 0.0)) / n_edges
+      if isinstance(alg_state, algorithms.DRTState):
+        selfw = {p: jnp.mean(w[:, 0]) for p, w in alg_state.layer_w.items()}
+        out.update({f"self_weight/{p}": v for p, v in selfw.items()})
+        out["self_weight_mean"] = sum(selfw.values()) / len(selfw)
+      else:
+        out["self_weight_mean"] = jnp.mean(mix.nbr_w[:, 0])
+    return out
+
+  return Programs(jax.jit(train_step, donate_argnums=(0,)), jax.jit(evaluate),
+                  jax.jit(param_metrics))
+
+
+_PROGRAM_CACHE: dict = {}
+
+
+def _static_key(c: ml_collections.ConfigDict, model_obj) -> str:
+  """The config fields that change the compiled programs (hyperparameters in the state do not)."""
+  d = c.to_dict()
+  for traced in ("learning_rate", "momentum", "weight_decay", "seed", "num_steps", "eval_every",
+                 "log_every", "lazy", "topology_options", "topology_weights", "same_init"):
+    d.pop(traced, None)
+  d["drt"].pop("strength", None)
+  d["model_id"] = id(model_obj) if model_obj is not None else None
+  return json.dumps(d, sort_keys=True, default=str)
+
+
+def programs_for(c, model, alg, model_obj=None) -> Programs:
+  key = _static_key(c, model_obj)
+  if key not in _PROGRAM_CACHE:
+    _PROGRAM_CACHE[key] = build_programs(c, model, alg)
+  return _PROGRAM_CACHE[key]
+
+
+# --------------------------------------------------------------------------------------------
+# Host side.
+
+
+def _eval_set(images, labels, n: int, batch: int, seed: int) -> EvalSet:
+  if n and n < len(labels):
+    pick = np.sort(np.random.default_rng(seed).permutation(len(labels))[:n])
+    images, labels = images[pick], labels[pick]
+  batch = min(batch, len(labels))
+  num_batches = -(-len(labels) // batch)
+  pad = num_batches * batch - len(labels)
+  mask = np.concatenate([np.ones(len(labels), bool), np.zeros(pad, bool)])
+  images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+  labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+  shape = (num_batches, batch)
+  return EvalSet(jnp.asarray(images.reshape(shape + images.shape[1:])),
+                 jnp.asarray(labels.reshape(shape).astype(np.int32)),
+                 jnp.asarray(mask.reshape(shape)))
+
+
+def init_state(c, model: models.Model, alg: algorithms.Algorithm, topology) -> TrainState:
+  """Stacked variables (one shared initialisation unless ``same_init`` is off) and states."""
+  root = jax.random.key(c.seed)
+  k_init, k_sample = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
+  if c.same_init:
+    variables = _stack(model.init(k_init), c.num_agents)
+  else:
+    variables = jax.jit(jax.vmap(model.init))(jax.random.split(k_init, c.num_agents))
+  params = variables["params"]
+  model_state = {k: v for k, v in variables.items() if k != "params"}
+  return TrainState(params, model_state, alg.init(params, topology), jnp.zeros((), jnp.int32),
+                    k_sample)
+
+
+class _Writer:
+  """metrics.jsonl and config.json in the workdir (nothing is written without one)."""
+
+  def __init__(self, workdir, c):
+    self.path = None
+    if workdir:
+      os.makedirs(workdir, exist_ok=True)
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(c.to_json(indent=2, sort_keys=True))
+      self.path = os.path.join(workdir, "metrics.jsonl")
+      open(self.path, "w").close()
+
+  def write(self, row):
+    if self.path:
+      clean = {k: (v if not isinstance(v, float) or np.isfinite(v) else None)
+               for k, v in row.items()}
+      with open(self.path, "a") as f:
+        f.write(json.dumps(clean) + "\n")
+
+
+def _check_finite(loss_K: np.ndarray, step: int):
+  bad = np.flatnonzero(~np.isfinite(loss_K))
+  if bad.size:
+    raise FloatingPointError(f"non-finite training loss at step {step} on agents "
+                             f"{bad.tolist()}; lower learning_rate or check the data")
+
+
+def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
+                       model: models.Model | None = None) -> list[dict]:
+  """Trains K agents and returns the history: one dict of metrics per evaluation.
+
+  Args:
+    config: a ConfigDict or dict overriding :func:`drt_jax.config.default_config`.
+    workdir: if given, ``config.json`` and ``metrics.jsonl`` are written there.
+    data: in-memory data (:class:`drt_jax.data.Data` or a mapping with its fields: train/test
+      images and labels and, optionally, ``agent_indices``, one index array per agent). Without it
+      ``config.dataset`` is loaded.
+    model: a :class:`drt_jax.models.Model` (e.g. ``models.from_flax(module, shape, classes)``)
+      instead of ``config.model``.
+
+  Example::
+
+    history = train_and_evaluate({"algorithm": "drt", "num_agents": 8, "num_steps": 100})
+    history[-1]["test_acc_mean"]
+  """
+  c = config_lib.resolve(config)
+  d = data_lib.as_data(data) if data is not None else data_lib.synthetic(seed=c.seed)
+  parts = d.agent_indices
+  if parts is None:
+    parts = data_lib.partition_iid(len(d.train_labels), c.num_agents, seed=c.seed)
+  if len(parts) != c.num_agents:
+    raise ValueError(f"data has index lists for {len(parts)} agents but config.num_agents="
+                     f"{c.num_agents}; give one index array per agent")
+  idx, counts = data_lib.pad_partition(parts, len(d.train_labels))
+  data_lib.check_batch(counts, c.batch_size)
+  backends.check(c.backend, c.num_agents, c.chunk_size or None)
+  topo = make_topology(c)
+  net = model if model is not None else make_model(c, d)
+  alg = make_algorithm(c)
+  progs = programs_for(c, net, alg, model)
+
+  mean, std = data_lib.normalisation(d.train_images)
+  dev = DeviceData(jnp.asarray(d.train_images), jnp.asarray(d.train_labels, jnp.int32),
+                   jnp.asarray(idx), jnp.asarray(counts), jnp.asarray(mean), jnp.asarray(std))
+  test_set = _eval_set(d.test_images, d.test_labels, c.eval_examples, c.eval_batch_size, c.seed)
+  train_set = _eval_set(d.train_images, d.train_labels, c.train_eval_examples,
+                        c.eval_batch_size, c.seed + 1)
+  n_test = int(np.sum(np.asarray(test_set.mask)))
+  n_train = int(np.sum(np.asarray(train_set.mask)))
+
+  state = init_state(c, net, alg, topo)
+  bytes_sent = metrics_lib.bytes_per_agent_step(topo, metrics_lib.tree_bytes(state.params),
+                                                c.comm_every, c.algorithm != "local")
+  writer = _Writer(workdir, c)
+  logging.info("devices: %s; backend %s -> %s", jax.devices(), c.backend,
+               backends.resolve(c.backend, c.num_agents))
+  logging.info("topology %s (slem %.4f); algorithm %s; K=%d", topo, topo.slem(), c.algorithm,
+               c.num_agents)
+
+  history, losses, accs = [], [], []
+  start = last_time = time.perf_counter()
+  last_step = 0
+
+  def evaluate(step):
+    nonlocal last_time, last_step, losses, accs
+    test = jax.device_get(progs.evaluate(state.params, state.model_state, test_set, dev.mean,
+                                         dev.std))
+    train = jax.device_get(progs.evaluate(state.params, state.model_state, train_set,
+                                          dev.mean, dev.std))
+    pm = jax.device_get(progs.param_metrics(state.params, state.model_state, state.alg_state,
+                                            topo))
+    test_acc = test["correct"] / n_test
+    train_acc = train["correct"] / n_train
+    now = time.perf_counter()
+    row = {
+        "step": step,
+        "epoch": step * c.batch_size / float(np.mean(counts)),
+        "train_loss": float(np.mean(losses)) if losses else None,
+        "train_batch_acc": float(np.mean(accs)) if accs else None,
+        "test_acc_mean": float(np.mean(test_acc)),
+        "test_acc_min": float(np.min(test_acc)),
+        "test_acc_max": float(np.max(test_acc)),
+        "test_loss_mean": float(np.mean(test["loss"]) / n_test),
+        "centroid_test_acc": float(test["centroid_correct"] / n_test),
+        "train_acc_mean": float(np.mean(train_acc)),
+        "gen_gap": float(np.mean(train_acc) - np.mean(test_acc)),
+        "output_disagreement": float(test["disagreement"] / n_test),
+        "bytes_per_agent_step": bytes_sent,
+        "steps_per_sec": (step - last_step) / max(now - last_time, 1e-9),
+        "wall_time": now - start,
+        **{k: float(v) for k, v in pm.items()},
+    }
+    last_time, last_step, losses, accs = now, step, [], []
+    history.append(row)
+    writer.write(row)
+    eta = (c.num_steps - step) / max(row["steps_per_sec"], 1e-9) if step else float("nan")
+    logging.info("step %d/%d | test acc %.4f (centroid %.4f) | gap %.4f | consensus %.3g | "
+                 "disagreement %.3g | %.1f steps/s, ETA %.0fs", step, c.num_steps,
+                 row["test_acc_mean"], row["centroid_test_acc"], row["gen_gap"],
+                 row["consensus_distance"], row["output_disagreement"], row["steps_per_sec"],
+                 eta)
+
+  evaluate(0)
+  for step in range(1, c.num_steps + 1):
+    state, m = progs.train_step(state, topo, dev)
+    losses.append(m["loss"])
+    accs.append(m["acc"])
+    if c.log_every and step % c.log_every == 0:
+      logging.info("step %d/%d | train loss %.4f", step, c.num_steps, float(jnp.mean(m["loss"])))
+    if step == c.num_steps or (c.eval_every and step % c.eval_every == 0):
+      losses = [np.asarray(x) for x in jax.device_get(losses)]
+      accs = [np.asarray(x) for x in jax.device_get(accs)]
+      _check_finite(losses[-1], step)
+      evaluate(step)
+  return history

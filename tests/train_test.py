@@ -1,0 +1,213 @@
+"""End-to-end tests of the compiled train step and ``train_and_evaluate`` on tiny models."""
+
+import functools
+import json
+import os
+import tempfile
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest, parameterized
+
+from drt_jax import algorithms, config, data, topology, train
+
+TINY = {
+    "num_agents": 4, "model": "mlp", "model_options": {"hidden": (16,)}, "batch_size": 8,
+    "num_steps": 6, "eval_every": 3, "eval_examples": 64, "train_eval_examples": 64,
+    "eval_batch_size": 32, "backend": "vmap", "optimizer": "momentum", "learning_rate": 0.05,
+}
+EXPECTED_METRICS = (
+    "step", "train_loss", "test_acc_mean", "test_acc_min", "test_acc_max", "centroid_test_acc",
+    "train_acc_mean", "gen_gap", "consensus_distance", "output_disagreement",
+    "bytes_per_agent_step", "self_weight_mean", "drt_log1p_mean", "drt_mean")
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_data(shape=(8, 8, 1), num_train=256):
+  return data.synthetic(num_train=num_train, num_test=64, shape=shape, seed=0)
+
+
+class TrainAndEvaluateTest(parameterized.TestCase):
+
+  @parameterized.parameters(*algorithms.NAMES)
+  def test_every_algorithm_runs_and_reports_every_metric(self, name):
+    history = train.train_and_evaluate({**TINY, "algorithm": name}, data=tiny_data())
+    self.assertEqual([r["step"] for r in history], [0, 3, 6])
+    for key in EXPECTED_METRICS:
+      if name == "local" and key in ("self_weight_mean", "drt_log1p_mean", "drt_mean"):
+        continue
+      self.assertIn(key, history[-1])
+    last = history[-1]
+    self.assertTrue(np.isfinite(last["train_loss"]))
+    self.assertBetween(last["test_acc_mean"], 0.0, 1.0)
+    self.assertGreater(last["consensus_distance"], 0.0)  # agents saw different batches
+    if algorithms.uses_drt(name):
+      self.assertTrue(any(k.startswith("self_weight/") for k in last))
+      self.assertBetween(last["self_weight_mean"], 0.05 - 1e-6, 1.0)
+
+  def test_learns_the_synthetic_task(self):
+    d = data.synthetic(num_train=512, num_test=256, shape=(8, 8, 1), separation=0.5, seed=1)
+    history = train.train_and_evaluate(
+        {**TINY, "algorithm": "atc", "num_steps": 60, "eval_every": 60}, data=d)
+    self.assertGreater(history[-1]["test_acc_mean"], history[0]["test_acc_mean"] + 0.3)
+
+  def test_full_graph_atc_equals_one_model_averaging(self):
+    # ATC on the fully connected graph with uniform 1/K weights: agents agree after every step.
+    history = train.train_and_evaluate(
+        {**TINY, "algorithm": "atc", "topology": "full", "topology_weights": "uniform"},
+        data=tiny_data())
+    self.assertLess(history[-1]["consensus_distance"], 1e-10)
+    self.assertLess(history[-1]["output_disagreement"], 1e-10)
+
+  def test_workdir_holds_config_and_one_row_per_evaluation(self):
+    with tempfile.TemporaryDirectory() as workdir:
+      history = train.train_and_evaluate({**TINY, "algorithm": "drt"}, workdir=workdir,
+                                         data=tiny_data())
+      with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+      with open(os.path.join(workdir, "config.json")) as f:
+        saved = json.load(f)
+    self.assertEqual([r["step"] for r in rows], [r["step"] for r in history])
+    self.assertEqual(saved["algorithm"], "drt")
+
+  def test_in_memory_agent_indices_are_used(self):
+    d = tiny_data()
+    parts = [np.arange(k * 40, (k + 1) * 40) for k in range(4)]
+    history = train.train_and_evaluate({**TINY, "num_steps": 2, "eval_every": 2},
+                                       data={**d._asdict(), "agent_indices": parts})
+    self.assertEqual(history[-1]["step"], 2)
+    self.assertAlmostEqual(history[-1]["epoch"], 2 * 8 / 40)
+
+  @parameterized.named_parameters(
+      ("unknown_field", {"learning_rat": 0.1}, "unknown config field 'learning_rat'"),
+      ("unknown_algorithm", {"algorithm": "gossip"}, "config.algorithm='gossip'"),
+      ("unknown_topology", {"topology": "cube"}, "config.topology='cube'"),
+      ("unknown_backend", {"backend": "pmap"}, "config.backend='pmap'"),
+      ("unknown_model", {"model": "vgg"}, "config.model='vgg'"),
+      ("bad_lr", {"learning_rate": 0.0}, "config.learning_rate=0.0"),
+      ("bad_floor", {"drt": {"floor": 1.0}}, "config.drt.floor=1.0"),
+      ("bad_strength", {"drt": {"strength": -1.0}}, "config.drt.strength=-1.0"),
+      ("bad_agents", {"num_agents": 0}, "config.num_agents=0"),
+      ("batch_too_big", {"batch_size": 100}, "exceeds agent 0's partition of 64"),
+      ("too_many_agents", {"num_agents": 300}, "300 agents but only 256"),
+      ("chunk_not_dividing", {"backend": "chunked", "chunk_size": 3}, "config.chunk_size=3"),
+  )
+  def test_bad_input_is_refused_in_one_line(self, override, message):
+    with tempfile.TemporaryDirectory() as workdir:
+      target = os.path.join(workdir, "run")
+      with self.assertRaises(ValueError) as ctx:
+        train.train_and_evaluate({**TINY, **override}, workdir=target, data=tiny_data())
+      self.assertFalse(os.path.exists(target))  # nothing written on refusal
+    self.assertIn(message, str(ctx.exception))
+    self.assertNotIn("\n", str(ctx.exception))
+
+  def test_wrong_number_of_index_lists(self):
+    d = tiny_data()
+    with self.assertRaisesRegex(ValueError, "index lists for 3 agents"):
+      train.train_and_evaluate(
+          TINY, data={**d._asdict(), "agent_indices": [np.arange(10)] * 3})
+
+
+def _one_step(c, model, state_fn, topo, dev, steps=1):
+  alg = train.make_algorithm(c)
+  progs = train.build_programs(c, model, alg)
+  state = state_fn(alg)
+  for _ in range(steps):
+    state, _ = progs.train_step(state, topo, dev)
+  return state, progs
+
+
+def _device_data(c, d):
+  parts = data.partition_iid(len(d.train_labels), c.num_agents, seed=0)
+  idx, counts = data.pad_partition(parts, len(d.train_labels))
+  mean, std = data.normalisation(d.train_images)
+  return train.DeviceData(jnp.asarray(d.train_images), jnp.asarray(d.train_labels),
+                          jnp.asarray(idx), jnp.asarray(counts), jnp.asarray(mean),
+                          jnp.asarray(std))
+
+
+class CompiledStepTest(parameterized.TestCase):
+
+  def test_backends_agree_on_a_small_cnn(self):
+    d = tiny_data(shape=(12, 12, 1))
+    base = config.resolve({**TINY, "num_agents": 8, "model": "cnn",
+                           "model_options": {"features": (4, 8, 8), "hidden": 16,
+                                             "batch_norm": True}, "algorithm": "drt"})
+    model = train.make_model(base, d)
+    topo = train.make_topology(base)
+    dev = _device_data(base, d)
+    results = {}
+    for backend, chunk in (("vmap", 0), ("chunked", 4), ("map", 0), ("shard", 0)):
+      if backend == "shard" and jax.local_device_count() < 2:
+        continue
+      c = config.resolve({**base.to_dict(), "backend": backend, "chunk_size": chunk})
+      state, _ = _one_step(c, model, lambda alg, c=c: train.init_state(c, model, alg, topo),
+                           topo, dev, steps=2)
+      results[backend] = (state.params, state.model_state)
+    self.assertGreaterEqual(len(results), 3)
+    for backend, tree in results.items():
+      chex.assert_trees_all_close(tree, results["vmap"], atol=1e-5, rtol=1e-5,
+                                  custom_message=backend)
+
+  def test_compiles_once_for_new_weights_and_time_varying_graphs(self):
+    c = config.resolve({**TINY, "num_agents": 8, "algorithm": "drt"})
+    d = tiny_data()
+    model = train.make_model(c, d)
+    alg = train.make_algorithm(c)
+    progs = train.build_programs(c, model, alg)
+    dev = _device_data(c, d)
+    ring = topology.make("ring", 8)
+    state = train.init_state(c, model, alg, ring)
+    for topo in (ring, ring.lazy(0.5), topology.make("ring", 8, weights="uniform")):
+      state, _ = progs.train_step(state, topo, dev)
+    self.assertEqual(progs.train_step._cache_size(), 1)
+    # A schedule has its own static shape [T, K, D] (padded here to the ring's width D = 3):
+    # one more compile, then none while the steps walk through its period.
+    one_peer = topology.make("one_peer_exponential", 8)
+    schedule = topology.Topology(
+        np.concatenate([one_peer.nbr_idx, one_peer.nbr_idx[..., :1]], -1),
+        np.concatenate([one_peer.nbr_w, 0 * one_peer.nbr_w[..., :1]], -1))
+    for _ in range(2 * schedule.period):
+      state, _ = progs.train_step(state, schedule, dev)
+    self.assertEqual(progs.train_step._cache_size(), 2)
+    self.assertEqual(int(state.step), 3 + 2 * schedule.period)
+
+  def test_combined_batch_stats_agree_on_the_full_graph(self):
+    d = tiny_data(shape=(12, 12, 1))
+    opts = {"features": (4, 8, 8), "hidden": 16, "batch_norm": True}
+    stats = {}
+    for combine_stats in (False, True):
+      c = config.resolve({**TINY, "model": "cnn", "model_options": opts, "topology": "full",
+                          "topology_weights": "uniform", "combine_batch_stats": combine_stats})
+      model = train.make_model(c, d)
+      topo = train.make_topology(c)
+      state, _ = _one_step(c, model, lambda alg, c=c: train.init_state(c, model, alg, topo),
+                           topo, _device_data(c, d))
+      stats[combine_stats] = state.model_state
+    spread = lambda tree: max(float(jnp.max(jnp.abs(x - x[:1]))) for x in jax.tree.leaves(tree))  # noqa: E731
+    self.assertGreater(spread(stats[False]), 1e-4)  # local statistics differ across agents
+    self.assertLess(spread(stats[True]), 1e-6)  # uniform averaging makes them equal
+
+
+class SamplerTest(absltest.TestCase):
+
+  def test_each_agent_draws_only_its_own_indices_and_covers_them_each_epoch(self):
+    parts = [np.arange(0, 10), np.arange(10, 17), np.arange(17, 40)]
+    idx, counts = data.pad_partition(parts, 40)
+    batch = 5
+    key = jax.random.key(3)
+    draws = [np.asarray(data.sample_indices(key, s, jnp.asarray(idx), jnp.asarray(counts), batch))
+             for s in range(14)]
+    for k, part in enumerate(parts):
+      stream = np.concatenate([d[k] for d in draws])
+      self.assertTrue(set(stream) <= set(part.tolist()))
+      n = len(part)
+      for e in range(len(stream) // n):  # every full local epoch is a permutation of the part
+        self.assertCountEqual(stream[e * n:(e + 1) * n].tolist(), part.tolist())
+      self.assertFalse(np.array_equal(stream[:n], stream[n:2 * n]))  # reshuffled per epoch
+
+
+if __name__ == "__main__":
+  absltest.main()
