@@ -206,22 +206,26 @@ def drt_diffusion(local_optimizer: optax.GradientTransformation, *, variant: str
                                    floor=floor, eps=eps)
       return combine_lib.combine_layers(psi, m.nbr_idx, layer_w, names), layer_w
 
-    def stay():
-      eye = jnp.zeros_like(m.nbr_w).at[:, 0].set(1.0)
-      return psi, {p: eye for p in combine_lib.unique_layers(names)}
+    def stay():  # keeps the last weights for metrics; combine_stats knows nothing was mixed
+      return psi, state.layer_w
 
     new, layer_w = _maybe(_communicates(state.count, comm_every), comm_every, communicate, stay)
     return new, DRTState(opt_state, state.count + 1, state.strength, state.init_sq_norms,
                          layer_w)
 
   def combine_stats(stats, state, topology):
-    m = combine_lib.as_mixing(topology, state.count - 1)
+    prev = state.count - 1  # the step that just ran
+    m = combine_lib.as_mixing(topology, prev)
     names = combine_lib.layer_names(stats, "module")
     eye = jnp.zeros_like(m.nbr_w).at[:, 0].set(1.0)
     per_leaf = _stats_weights(names, state.layer_w, eye)
     leaves, treedef = jax.tree.flatten(stats)
-    out = [combine_lib.combine(x, Mixing(m.nbr_idx, w)) for x, w in zip(leaves, per_leaf)]
-    return jax.tree.unflatten(treedef, out)
+
+    def mix():
+      out = [combine_lib.combine(x, Mixing(m.nbr_idx, w)) for x, w in zip(leaves, per_leaf)]
+      return jax.tree.unflatten(treedef, out)
+
+    return _maybe(_communicates(prev, comm_every), comm_every, mix, lambda: stats)
 
   return Algorithm(init, step, None, combine_stats)
 

@@ -233,7 +233,8 @@ def _static_key(c: ml_collections.ConfigDict, model_obj) -> str:
   """The config fields that change the compiled programs (hyperparameters in the state do not)."""
   d = c.to_dict()
   for traced in ("learning_rate", "momentum", "weight_decay", "seed", "num_steps", "eval_every",
-                 "log_every", "lazy", "topology_options", "topology_weights", "same_init"):
+                 "log_every", "lazy", "topology", "topology_options", "topology_weights",
+                 "same_init", "dataset", "eval_examples", "train_eval_examples"):
     d.pop(traced, None)
   d["drt"].pop("strength", None)
   d["model_id"] = id(model_obj) if model_obj is not None else None
@@ -383,6 +384,7 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
         "test_acc_mean": float(np.mean(test_acc)),
         "test_acc_min": float(np.min(test_acc)),
         "test_acc_max": float(np.max(test_acc)),
+        "test_acc_per_agent": [round(float(a), 6) for a in test_acc],
         "test_loss_mean": float(np.mean(test["loss"]) / n_test),
         "centroid_test_acc": float(test["centroid_correct"] / n_test),
         "train_acc_mean": float(np.mean(train_acc)),
@@ -396,9 +398,9 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
     last_time, last_step, losses, accs = now, step, [], []
     history.append(row)
     writer.write(row)
-    eta = (c.num_steps - step) / max(row["steps_per_sec"], 1e-9) if step else float("nan")
+    eta = f"{(c.num_steps - step) / max(row['steps_per_sec'], 1e-9):.0f}s" if step else "-"
     logging.info("step %d/%d | test acc %.4f (centroid %.4f) | gap %.4f | consensus %.3g | "
-                 "disagreement %.3g | %.1f steps/s, ETA %.0fs", step, c.num_steps,
+                 "disagreement %.3g | %.1f steps/s, ETA %s", step, c.num_steps,
                  row["test_acc_mean"], row["centroid_test_acc"], row["gen_gap"],
                  row["consensus_distance"], row["output_disagreement"], row["steps_per_sec"],
                  eta)
