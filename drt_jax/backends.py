@@ -103,3 +103,18 @@ def per_agent(fn: Callable, backend: str, num_agents: int, chunk_size: int | Non
 def _merge(args, stacked, shared):
   it = iter(stacked)
   return tuple(a if i in shared else next(it) for i, a in enumerate(args))
+
+
+def use_host_devices(n: int) -> None:
+  """Splits the CPU into ``n`` virtual devices so ``shard`` can run agents in parallel on a host.
+
+  Must run before JAX's first operation (binaries call it at start-up); no effect on the devices
+  of a GPU or TPU platform.
+  """
+  if n < 1:
+    raise ValueError(f"host device count {n} must be >= 1")
+  try:
+    jax.config.update("jax_num_cpu_devices", int(n))
+  except RuntimeError as e:
+    raise RuntimeError(f"use_host_devices({n}) came after JAX started; call it before any JAX "
+                       "operation") from e

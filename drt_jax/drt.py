@@ -21,10 +21,10 @@ weights (they saturate at the floor).
 
 Variants:
   * ``drt`` -- as above.
-  * ``drt_symmetric`` -- d_lk^(q) = ||psi_k^(q) - psi_l^(q)|| / sqrt(||psi_k^(q)|| ||psi_l^(q)||) and
-    beta's denominator ||psi_k^(p)|| ||psi_l^(p)||, so beta_lk = beta_kl; the floor is applied per
-    edge with min(f_k, f_l), f_k = min(1, (1 - delta) / s_k). With symmetric base weights every
-    per-layer matrix is symmetric, hence doubly stochastic: the network average of each layer is kept.
+  * ``drt_symmetric`` -- d_lk^(q) = ||psi_k^(q) - psi_l^(q)|| / sqrt(||psi_k^(q)|| ||psi_l^(q)||)
+    and beta's denominator ||psi_k^(p)|| ||psi_l^(p)||, so beta_lk = beta_kl; the floor is applied
+    per edge with min(f_k, f_l), f_k = min(1, (1 - delta) / s_k). With symmetric base weights every
+    per-layer matrix is symmetric, hence doubly stochastic: each layer's network average is kept.
   * ``drt_normalized`` -- a_kk = max(c_kk, delta) and the remaining mass 1 - a_kk shared among the
     neighbours in proportion to c_lk beta_lk^(p); rho plays no role.
 
@@ -92,6 +92,23 @@ def _leave_one_out(logs):
   return jnp.tensordot(1.0 - jnp.eye(p_count, dtype=logs.dtype), logs, axes=1)
 
 
+def _reverse_edge_weights(off, log_a, log_s, nbr_idx, neighbour, floor):
+  """a_lk f_l for every listed edge l -> k, read from agent l's own column where it lists k.
+
+  With symmetric base weights and beta, a_lk = a_kl, so agent l's normalised weight for k is
+  a_lk f_l; taking it from there makes min(a_lk f_k, a_lk f_l) bitwise symmetric. Edges without
+  a reverse (directed graphs) compute a_lk f_l directly.
+  """
+  k_count = nbr_idx.shape[0]
+  back = (nbr_idx[nbr_idx] == jnp.arange(k_count)[:, None, None]) & neighbour[nbr_idx]  # [K,D,D]
+  has_back = jnp.any(back, axis=-1)
+  rev = jnp.argmax(back, axis=-1)  # slot of k in l's list
+  from_l = off[:, nbr_idx, rev]  # [P, K, D]
+  log_f_l = jnp.minimum(0.0, jnp.log1p(-floor) - log_s)[:, nbr_idx]
+  direct = jnp.where(neighbour, jnp.exp(log_a + log_f_l), 0.0)
+  return jnp.where(has_back[None], from_l, direct)
+
+
 def weights(psi: PyTree, mixing: Mixing, names: list[str], gamma: dict, *, variant: str = "drt",
             floor: float = 0.05, eps: float = 1e-6):
   """Per-layer combination weights of DRT diffusion on the neighbour list of ``mixing``.
@@ -140,13 +157,14 @@ def weights(psi: PyTree, mixing: Mixing, names: list[str], gamma: dict, *, varia
   else:
     log_gamma = jnp.log(jnp.stack([jnp.asarray(gamma[p], jnp.float32) for p in layers]))
     log_a = log_gamma[:, None, None] + log_c + log_beta  # [P, K, D], -inf off the graph
-    log_s = jax.nn.logsumexp(log_a, axis=-1)  # [P, K]; -inf for an agent without neighbours
-    log_f = jnp.minimum(0.0, jnp.log1p(-floor) - log_s)  # log min(1, (1 - delta) / s_k)
+    log_s = jax.nn.logsumexp(log_a, axis=-1, where=neighbour)  # [P, K]
+    # a_lk f_k = softmax_k(a)_l * min(s_k, 1 - delta): normalising before scaling keeps the
+    # floor exact even when log a is in the hundreds (float32 would lose it in log a - log s).
+    mass = jnp.exp(jnp.minimum(log_s, jnp.log1p(-floor)))
+    share = jax.nn.softmax(log_a, axis=-1, where=neighbour)
+    off = jnp.where(neighbour, share * mass[:, :, None], 0.0)
     if variant == "drt_symmetric":
-      log_f = jnp.minimum(log_f[:, :, None], log_f[:, nbr_idx])  # per edge: min(f_k, f_l)
-    else:
-      log_f = log_f[:, :, None]
-    off = jnp.where(neighbour, jnp.exp(log_a + log_f), 0.0)
+      off = jnp.minimum(off, _reverse_edge_weights(off, log_a, log_s, nbr_idx, neighbour, floor))
   self_w = 1.0 - jnp.sum(off, axis=-1)  # [P, K]
   a = off.at[:, :, 0].set(self_w)
   return {p: a[i] for i, p in enumerate(layers)}, log1p_drt

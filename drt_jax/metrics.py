@@ -1,4 +1,4 @@
-r"""Metrics of a decentralized run, computed on device (``docs/drt_diffusion.md``, "What to measure").
+r"""Metrics of a decentralized run, computed on device (spec: "What to measure").
 
 * consensus distance: (1/K) sum_k ||w_k - w_bar||^2 over parameters, in total and per layer;
 * output disagreement: mean over inputs x of (1/K) sum_k ||p_k(x) - p_bar(x)||^2 with p_k the

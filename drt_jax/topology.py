@@ -32,7 +32,8 @@ single steps are disconnected, so connectivity is checked over the union of one 
 Weight rules: ``metropolis`` (default): a_lk = 1 / (1 + max(d_k, d_l)) for neighbours, the rest on
 the diagonal; symmetric (hence doubly stochastic) on undirected graphs. On directed graphs d is the
 in-degree: the columns still sum to one, and on the regular directed graphs above it coincides with
-``uniform``. ``uniform``: a_lk = 1 / (1 + d_k) for every l in N_k (symmetric only on regular graphs).
+``uniform``. ``uniform``: a_lk = 1 / (1 + d_k) for every l in N_k (symmetric only on regular
+graphs).
 """
 
 import dataclasses
@@ -114,6 +115,7 @@ class Topology:
     for a in self.dense_schedule():
       prod = prod @ a
     mods = np.sort(np.abs(np.linalg.eigvals(prod)))[::-1]
+    mods[mods < 1e-10] = 0.0  # rounding noise of an exact average; its 1/T-th root would not be
     second = float(mods[1]) if len(mods) > 1 else 0.0
     return second ** (1.0 / self.period)
 

@@ -38,7 +38,7 @@ from drt_jax.types import PyTree
 
 
 class TrainState(NamedTuple):
-  """Everything that changes during training; every leaf but ``step``/``key`` is stacked [K, ...]."""
+  """Everything that changes in training; all leaves but ``step`` and ``key`` are [K, ...]."""
 
   params: PyTree
   model_state: PyTree  # non-trained collections (BatchNorm statistics), {} if none

@@ -24,7 +24,7 @@ EXPECTED_METRICS = (
     "bytes_per_agent_step", "self_weight_mean", "drt_log1p_mean", "drt_mean")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_data(shape=(8, 8, 1), num_train=256):
   return data.synthetic(num_train=num_train, num_test=64, shape=shape, seed=0)
 
