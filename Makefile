@@ -8,11 +8,12 @@ export JAX_COMPILATION_CACHE_DIR ?= $(HOME)/.cache/drt_jax/jax
 
 .PHONY: run test lint bench clean
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml scripts/install_data.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -e .
+	bash scripts/install_data.sh $(VENV)
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -1,0 +1,477 @@
+r"""Training throughput of K agents, per back-end, against one model and a Python loop, in one run.
+
+For every model and K it times, on the same machine and in the same process:
+
+* ``single``: the ceiling. ONE model (same network) on the total batch K*B, plain ``optax.sgd``,
+  jitted with the state donated. Every other row is reported as a ratio to it (1.0 = as fast per
+  image as one model doing the same arithmetic).
+* ``loop``: how most research code simulates agents: a Python loop of K calls of a jitted
+  single-agent SGD step (each agent its own params, batch B), then one jitted neighbour average
+  over the K param trees (the library's sparse ``combine``, same topology). One "step" is the whole
+  round.
+* ``vmap``, ``chunked(C)``, ``map``, ``shard(N)``: the library's real compiled train step
+  (``drt_jax.train.build_programs``) with ``--algorithm`` (ATC by default), per back-end of
+  :mod:`drt_jax.backends`; ``shard`` only when several local devices divide K.
+* ``<compare>:<best>``: the ``--compare`` algorithm (DRT by default) on the fastest back-end of
+  that model/K; the summary gives its step time over the ``--algorithm`` one (drt/atc).
+
+How: synthetic uint8 images shaped for the model, already on device; each step samples its batch
+inside the compiled program (as training does). Compile time is ``lower(...).compile()`` wall time
+(the persistent compilation cache is switched off); the compiled program then runs ``--warmup``
+steps and ``--steps`` timed steps, each fed the state the previous one returned (it is donated) and
+ended by ``block_until_ready``. Step time is the median over timed steps; images/s is
+K*B*steps / (sum of timed step times). A case stops early once its timed steps exceed
+``--case_budget_s`` (at least 2 timed steps); ``--prune_below R`` drops, at larger K, a back-end
+that ran below R times the single model at a smaller K (lax.map-based back-ends on a CPU).
+``peak_mb`` is the device's peak bytes in use after the case (a process-wide high-water mark; null
+where ``memory_stats()`` is unsupported, as on CPU);
+``xla_mb`` is XLA's estimate for the compiled program (arguments + outputs - aliased + temporaries).
+
+Each case is appended to ``<out>.jsonl`` as soon as it finishes (a killed run keeps what it
+measured); the full result goes to ``--out`` (JSON) and a markdown table to stdout.
+
+Commands (from the repository root):
+
+  python experiments/benchmark.py --host_devices 8                       # CPU: cnn, K=4,16,64
+  python experiments/benchmark.py --host_devices 8 --models resnet20 --ks 4,16 --steps 5 \
+      --warmup 1 --case_budget_s 15 --prune_below 0.1    # ~5 min on 2 cores
+  python experiments/benchmark.py --smoke --host_devices 2 --out /tmp/smoke.json   # CI, < 60 s
+  python experiments/benchmark.py --models resnet20 --ks 16,64,256       # one GPU
+
+``--host_devices N`` makes N virtual CPU devices (``XLA_FLAGS``), so ``shard`` runs on a CPU; it
+must take effect before JAX starts its backends, which ``main`` checks.
+"""
+
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from typing import Any, NamedTuple
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["cnn"], "Models to measure: cnn, mlp, resnet20.")
+flags.DEFINE_list("ks", ["4", "16", "64"], "Numbers of agents K.")
+flags.DEFINE_integer("batch", 32, "Images per agent per step (B).")
+flags.DEFINE_integer("steps", 10, "Timed steps per case (after warm-up).")
+flags.DEFINE_integer("warmup", 2, "Untimed steps per case after compilation.")
+flags.DEFINE_list("backends", ["vmap", "chunked", "map", "shard"], "Library back-ends to time.")
+flags.DEFINE_integer("chunk_size", 4, "Agents per group for 'chunked' (min(chunk_size, K)).")
+flags.DEFINE_string("algorithm", "atc", "Algorithm of the back-end rows.")
+flags.DEFINE_string("compare", "drt", "Algorithm timed on the best back-end against "
+                    "--algorithm ('' to skip).")
+flags.DEFINE_string("topology", "ring", "Communication graph (library rows and loop combine).")
+flags.DEFINE_float("learning_rate", 0.05, "SGD step size (all variants).")
+flags.DEFINE_float("case_budget_s", 120.0, "Stop timing a case after this many seconds of timed "
+                   "steps (0 = always --steps).")
+flags.DEFINE_float("prune_below", 0.0, "Skip a back-end at larger K once it ran below this ratio "
+                   "to the single model at a smaller K of the same model (0 = never).")
+flags.DEFINE_string("out", "benchmark.json", "JSON result; per-case lines go to <out>.jsonl.")
+flags.DEFINE_bool("smoke", False, "Tiny run for CI: mlp, K=2,4, batch 4, 2 steps.")
+flags.DEFINE_integer("host_devices", 1, "If > 1, virtual CPU devices to create (for 'shard').")
+
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+_MIN_TIMED_STEPS = 2
+_BACKENDS = ("vmap", "chunked", "map", "shard")  # backends.BACKENDS without 'auto'
+_SHAPES = {"cnn": (28, 28, 1), "mlp": (28, 28, 1), "resnet20": (32, 32, 3)}
+
+
+def _set_host_devices(n: int) -> None:
+  """Asks XLA for n CPU devices; only works before JAX initialises its backends."""
+  flags_now = re.sub(_DEVICE_COUNT_FLAG + r"=\S+", "", os.environ.get("XLA_FLAGS", ""))
+  os.environ["XLA_FLAGS"] = f"{flags_now.strip()} {_DEVICE_COUNT_FLAG}={n}".strip()
+
+
+# JAX and drt_jax read XLA_FLAGS only when the first backend starts (on first use, not on
+# import), so importing them here is fine as long as nothing below touches a device at import.
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from drt_jax import combine as combine_lib  # noqa: E402
+from drt_jax import config as config_lib  # noqa: E402
+from drt_jax import data as data_lib  # noqa: E402
+from drt_jax import models, train  # noqa: E402
+
+
+class Measured(NamedTuple):
+  compile_s: float
+  step_s: list  # seconds per timed step
+  xla_bytes: int | None
+  loss: float | None  # mean loss of the last step (a sanity check, not a result)
+
+
+# --------------------------------------------------------------------------------------------
+# Timing.
+
+
+def _xla_bytes(compiled) -> int | None:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # not every platform implements it
+    return None
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+             + m.temp_size_in_bytes)
+
+
+def _peak_mb() -> float | None:
+  stats = jax.local_devices()[0].memory_stats()
+  if not stats or "peak_bytes_in_use" not in stats:
+    return None
+  return stats["peak_bytes_in_use"] / 2**20
+
+
+def _run(step, state, warmup: int, steps: int, budget_s: float):
+  """Runs ``state, loss = step(state)`` warmup + timed times; returns (step seconds, loss)."""
+  loss = None
+  for _ in range(warmup):
+    state, loss = jax.block_until_ready(step(state))
+  times = []
+  while len(times) < steps:
+    start = time.perf_counter()
+    state, loss = jax.block_until_ready(step(state))
+    times.append(time.perf_counter() - start)
+    if budget_s and sum(times) > budget_s and len(times) >= _MIN_TIMED_STEPS:
+      break
+  return times, float(jnp.mean(loss))
+
+
+def _compile(jitted, *args):
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------
+# The cases.
+
+
+def _device_data(d: data_lib.Data, k_count: int) -> train.DeviceData:
+  parts = data_lib.partition_iid(len(d.train_labels), k_count, seed=0)
+  idx, counts = data_lib.pad_partition(parts, len(d.train_labels))
+  mean, std = data_lib.normalisation(d.train_images)
+  return train.DeviceData(jnp.asarray(d.train_images), jnp.asarray(d.train_labels, jnp.int32),
+                          jnp.asarray(idx), jnp.asarray(counts), jnp.asarray(mean),
+                          jnp.asarray(std))
+
+
+class Case(NamedTuple):
+  """One model at one K: the unit every variant is measured on."""
+
+  model_name: str
+  model: models.Model
+  data: data_lib.Data
+  k_count: int
+  batch: int
+
+
+def library_case(case: Case, backend: str, chunk_size: int, algorithm: str, run_kw: dict):
+  c = config_lib.resolve({
+      "num_agents": case.k_count, "batch_size": case.batch, "backend": backend,
+      "model": case.model_name, "chunk_size": chunk_size if backend == "chunked" else 0,
+      "algorithm": algorithm, "topology": FLAGS.topology, "learning_rate": FLAGS.learning_rate})
+  model, alg = train.make_model(c, case.data), train.make_algorithm(c)
+  topo = jax.device_put(train.make_topology(c))
+  dev = _device_data(case.data, case.k_count)
+  data_lib.check_batch(np.asarray(dev.counts), case.batch)
+  state = train.init_state(c, model, alg, topo)
+  compiled, compile_s = _compile(train.build_programs(c, model, alg).train_step, state, topo, dev)
+
+  def step(s):
+    s, m = compiled(s, topo, dev)
+    return s, m["loss"]
+
+  times, loss = _run(step, state, **run_kw)
+  return Measured(compile_s, times, _xla_bytes(compiled), loss)
+
+
+class _SingleState(NamedTuple):
+  params: Any
+  model_state: Any
+  opt_state: Any
+  step: jax.Array
+  key: jax.Array
+
+
+def _single_program(model: models.Model, batch: int, opt: optax.GradientTransformation):
+  """One model's SGD step on ``batch`` images it samples from the device dataset (donated)."""
+
+  def step(s: _SingleState, dev: train.DeviceData):
+    idx = jax.random.randint(jax.random.fold_in(s.key, s.step), (batch,), 0,
+                             dev.labels.shape[0])
+    x = (dev.images[idx].astype(jnp.float32) - dev.mean) / dev.std
+    y = dev.labels[idx]
+
+    def loss_fn(params):
+      logits, new_state = model.apply({"params": params, **s.model_state}, x, True)
+      return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y)), new_state
+
+    (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(s.params)
+    updates, opt_state = opt.update(grads, s.opt_state, s.params)
+    params = optax.apply_updates(s.params, updates)
+    return _SingleState(params, new_state, opt_state, s.step + 1, s.key), loss
+
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def _single_state(model, opt, key) -> _SingleState:
+  variables = model.init(jax.random.fold_in(key, 0))
+  params = variables["params"]
+  model_state = {k: v for k, v in variables.items() if k != "params"}
+  return _SingleState(params, model_state, opt.init(params), jnp.zeros((), jnp.int32),
+                      jax.random.fold_in(key, 1))
+
+
+def single_case(case: Case, run_kw: dict):
+  opt = optax.sgd(FLAGS.learning_rate)
+  dev = _device_data(case.data, 1)
+  state = _single_state(case.model, opt, jax.random.key(0))
+  program = _single_program(case.model, case.k_count * case.batch, opt)
+  compiled, compile_s = _compile(program, state, dev)
+  times, loss = _run(lambda s: compiled(s, dev), state, **run_kw)
+  return Measured(compile_s, times, _xla_bytes(compiled), loss)
+
+
+def loop_case(case: Case, run_kw: dict):
+  model, k_count = case.model, case.k_count
+  opt = optax.sgd(FLAGS.learning_rate)
+  dev = _device_data(case.data, 1)
+  mixing = combine_lib.as_mixing(jax.device_put(
+      train.make_topology(config_lib.resolve({"num_agents": k_count,
+                                              "topology": FLAGS.topology}))))
+
+  def combine_all(params_list, mixing):
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *params_list)
+    mixed = combine_lib.combine(stacked, mixing)
+    return [jax.tree.map(lambda x, k=k: x[k], mixed) for k in range(k_count)]
+
+  states = [_single_state(model, opt, jax.random.key(k)) for k in range(k_count)]
+  step_c, step_s = _compile(_single_program(model, case.batch, opt), states[0], dev)
+  params = [s.params for s in states]
+  combine_c, combine_s = _compile(jax.jit(combine_all, donate_argnums=(0,)), params, mixing)
+
+  def round_(states):
+    out = [step_c(s, dev) for s in states]
+    mixed = combine_c([s.params for s, _ in out], mixing)
+    return ([s._replace(params=p) for (s, _), p in zip(out, mixed, strict=True)],
+            jnp.stack([loss for _, loss in out]))
+
+  times, loss = _run(round_, states, **run_kw)
+  return Measured(step_s + combine_s, times, _xla_bytes(step_c), loss)
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting.
+
+
+def _machine() -> dict:
+  dev = jax.devices()[0]
+  return {
+      "host": platform.node(), "platform": jax.default_backend(), "device_kind": dev.device_kind,
+      "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
+      "cpu_count": os.cpu_count(), "jax": jax.__version__,
+      "jaxlib": getattr(jax.lib, "__version__", None), "optax": optax.__version__,
+      "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
+
+
+def _row(case: Case, variant: str, backend, algorithm, m: Measured | None, *, single_img_s=None,
+         error: Exception | None = None) -> dict:
+  row = {"model": case.model_name, "K": case.k_count, "batch": case.batch, "variant": variant,
+         "backend": backend, "algorithm": algorithm}
+  if error is not None:
+    return {**row, "status": f"error: {type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+  img_s = case.k_count * case.batch * len(m.step_s) / sum(m.step_s)
+  return {
+      **row, "status": "ok", "img_s": img_s,
+      "ratio_vs_single": img_s / single_img_s if single_img_s else None,
+      "step_ms": 1e3 * statistics.median(m.step_s), "step_ms_min": 1e3 * min(m.step_s),
+      "steps_timed": len(m.step_s), "compile_s": m.compile_s, "peak_mb": _peak_mb(),
+      "xla_mb": None if m.xla_bytes is None else m.xla_bytes / 2**20, "loss": m.loss,
+      # Other processes on the machine skew CPU timings; this makes that visible.
+      "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+  }
+
+
+def _fmt(x, spec):
+  return "–" if x is None else format(x, spec)
+
+
+def _table(machine: dict, rows: list, comparisons: list) -> str:
+  lines = [
+      f"### drt_jax training throughput on {machine['host']} ({machine['platform']}, "
+      f"{machine['local_device_count']}× {machine['device_kind']}, {machine['cpu_count']} CPUs, "
+      f"jax {machine['jax']}, {machine['date']})", "",
+      "| model | K | variant | img/s | × single | step ms | compile s | peak MB | XLA MB |",
+      "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    if r["status"] != "ok":
+      lines.append(f"| {r['model']} | {r['K']} | {r['variant']} | {r['status']} | | | | | |")
+      continue
+    lines.append(
+        f"| {r['model']} | {r['K']} | {r['variant']} | {r['img_s']:,.0f} | "
+        f"{_fmt(r['ratio_vs_single'], '.2f')} | {r['step_ms']:.1f} | {r['compile_s']:.1f} | "
+        f"{_fmt(r['peak_mb'], '.0f')} | {_fmt(r['xla_mb'], '.0f')} |")
+  if comparisons:
+    lines += ["", "| model | K | back-end | algorithm ms | compare ms | ratio |",
+              "|---|---|---|---|---|---|"]
+    for cmp in comparisons:
+      lines.append(f"| {cmp['model']} | {cmp['K']} | {cmp['backend']} | "
+                   f"{cmp['algorithm']} {cmp['algorithm_ms']:.1f} | "
+                   f"{cmp['compare']} {cmp['compare_ms']:.1f} | {cmp['ratio']:.2f} |")
+  return "\n".join(lines)
+
+
+class _Sink:
+  """Appends one JSON line per finished case to ``<out>.jsonl`` and flushes it to disk."""
+
+  def __init__(self, out: str):
+    self.path = os.path.splitext(out)[0] + ".jsonl"
+    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+    open(self.path, "w").close()
+
+  def write(self, record: dict):
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _settings() -> dict:
+  s = {"models": FLAGS.models, "ks": [int(k) for k in FLAGS.ks], "batch": FLAGS.batch,
+       "steps": FLAGS.steps, "warmup": FLAGS.warmup}
+  if FLAGS.smoke:
+    s.update(models=["mlp"], ks=[2, 4], batch=4, steps=2, warmup=1)
+  if s["steps"] < 1 or s["warmup"] < 0 or s["batch"] < 1 or min(s["ks"]) < 1:
+    raise app.UsageError("--steps, --batch and --ks must be >= 1 and --warmup >= 0")
+  unknown = sorted(set(s["models"]) - set(_SHAPES))
+  if unknown:
+    raise app.UsageError(f"--models: unknown {unknown[0]!r}; expected some of "
+                         f"{', '.join(_SHAPES)}")
+  bad = sorted(set(FLAGS.backends) - set(_BACKENDS))
+  if bad:
+    raise app.UsageError(f"--backends: unknown {bad[0]!r}; expected some of "
+                         f"{', '.join(_BACKENDS)}")
+  return s
+
+
+def measure(case: Case, run_kw: dict, sink: _Sink, pruned: dict) -> tuple[list, dict | None]:
+  """Every variant of one model at one K, in order: single, loop, back-ends, comparison.
+
+  ``pruned`` maps back-ends too slow at a smaller K to the reason; slow ones are added to it.
+  """
+  rows, single_img_s, n_dev = [], None, jax.local_device_count()
+
+  def record(variant, fn, *, backend=None, algorithm=None):
+    nonlocal single_img_s
+    logging.info("%s K=%d %s ...", case.model_name, case.k_count, variant)
+    try:
+      m = fn()
+    except Exception as e:  # one failing case (e.g. out of memory) must not end the run
+      logging.exception("%s K=%d %s failed", case.model_name, case.k_count, variant)
+      row = _row(case, variant, backend, algorithm, None, error=e)
+    else:
+      row = _row(case, variant, backend, algorithm, m, single_img_s=single_img_s)
+      if variant == "single":
+        single_img_s, row["ratio_vs_single"] = row["img_s"], 1.0
+      logging.info("  %.0f img/s (x%.2f), step %.1f ms, compile %.1f s", row["img_s"],
+                   row["ratio_vs_single"] or 0.0, row["step_ms"], row["compile_s"])
+    rows.append(row)
+    sink.write(row)
+    return row
+
+  record("single", lambda: single_case(case, run_kw))
+  record("loop", lambda: loop_case(case, run_kw))
+  chunk = min(FLAGS.chunk_size, case.k_count)
+  timed = []
+  for backend in FLAGS.backends:
+    if backend in pruned:
+      logging.info("skipping %s at K=%d: %s", backend, case.k_count, pruned[backend])
+      continue
+    if backend == "shard" and (n_dev < 2 or case.k_count % n_dev):
+      logging.info("skipping shard: %d local devices, K=%d", n_dev, case.k_count)
+      continue
+    if backend == "chunked" and case.k_count % chunk:
+      logging.info("skipping chunked: chunk_size %d does not divide K=%d", chunk, case.k_count)
+      continue
+    variant = {"chunked": f"chunked({chunk})", "shard": f"shard({n_dev})"}.get(backend, backend)
+    row = record(variant, lambda b=backend: library_case(case, b, chunk, FLAGS.algorithm, run_kw),
+                 backend=backend, algorithm=FLAGS.algorithm)
+    if row["status"] == "ok":
+      timed.append(row)
+      if row["ratio_vs_single"] is not None and row["ratio_vs_single"] < FLAGS.prune_below:
+        pruned[backend] = f"x{row['ratio_vs_single']:.2f} of single at K={case.k_count}"
+
+  if not (FLAGS.compare and timed):
+    return rows, None
+  best = max(timed, key=lambda r: r["img_s"])
+  row = record(f"{FLAGS.compare}:{best['variant']}",
+               lambda: library_case(case, best["backend"], chunk, FLAGS.compare, run_kw),
+               backend=best["backend"], algorithm=FLAGS.compare)
+  if row["status"] != "ok":
+    return rows, None
+  comparison = {"model": case.model_name, "K": case.k_count, "backend": best["variant"],
+                "algorithm": FLAGS.algorithm, "algorithm_ms": best["step_ms"],
+                "compare": FLAGS.compare, "compare_ms": row["step_ms"],
+                "ratio": row["step_ms"] / best["step_ms"]}
+  sink.write({"comparison": comparison})
+  return rows, comparison
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if FLAGS.host_devices > 1:
+    _set_host_devices(FLAGS.host_devices)
+  jax.config.update("jax_enable_compilation_cache", False)  # compile time is a measurement
+  s = _settings()
+  if (FLAGS.host_devices > 1 and jax.default_backend() == "cpu"
+      and jax.local_device_count() != FLAGS.host_devices):
+    raise RuntimeError(f"--host_devices={FLAGS.host_devices} did not take effect (JAX sees "
+                       f"{jax.local_device_count()} devices): a backend started before main")
+  machine = _machine()
+  logging.info("machine: %s", machine)
+  sink = _Sink(FLAGS.out)
+  sink.write({"machine": machine, "settings": s})
+  run_kw = {"warmup": s["warmup"], "steps": s["steps"], "budget_s": FLAGS.case_budget_s}
+  rows, comparisons = [], []
+
+  for model_name in s["models"]:
+    shape = _SHAPES[model_name]
+    d = data_lib.synthetic(num_train=max(1024, 4 * max(s["ks"]) * s["batch"]), num_test=16,
+                           shape=shape, seed=0)
+    model = models.make(model_name, d.classes, input_shape=shape)
+    pruned = {}
+    for k_count in sorted(s["ks"]):
+      case = Case(model_name, model, d, k_count, s["batch"])
+      group_rows, comparison = measure(case, run_kw, sink, pruned)
+      rows += group_rows
+      comparisons += [comparison] if comparison else []
+
+  table = _table(machine, rows, comparisons)
+  print(table)
+  result = {"machine": machine, "settings": s, "flags": {
+      "backends": FLAGS.backends, "chunk_size": FLAGS.chunk_size, "algorithm": FLAGS.algorithm,
+      "compare": FLAGS.compare, "topology": FLAGS.topology, "host_devices": FLAGS.host_devices,
+      "prune_below": FLAGS.prune_below,
+      "case_budget_s": FLAGS.case_budget_s, "argv": sys.argv},
+      "rows": rows, "comparisons": comparisons, "table": table}
+  with open(FLAGS.out, "w") as f:
+    json.dump(result, f, indent=2)
+  logging.info("wrote %s and %s", FLAGS.out, sink.path)
+
+
+if __name__ == "__main__":
+  app.run(main)

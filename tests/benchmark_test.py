@@ -1,0 +1,57 @@
+"""experiments/benchmark.py in smoke mode: every variant yields a positive, finite throughput.
+
+Runs in a subprocess so that its ``--host_devices`` (set through XLA_FLAGS before JAX starts) is
+independent of the 8 devices this test process already has.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+
+_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "experiments", "benchmark.py")
+
+
+class BenchmarkSmokeTest(absltest.TestCase):
+
+  def test_smoke_run_measures_every_variant(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      out = os.path.join(tmp, "bench.json")
+      env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+      proc = subprocess.run(
+          [sys.executable, _SCRIPT, "--smoke", "--host_devices", "2", "--out", out],
+          capture_output=True, text=True, env=env, timeout=120, check=False)
+      self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+      with open(out) as f:
+        result = json.load(f)
+      with open(os.path.join(tmp, "bench.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+
+    rows = result["rows"]
+    self.assertEqual(result["machine"]["local_device_count"], 2)
+    self.assertEqual(result["settings"]["ks"], [2, 4])
+    for k_count in (2, 4):
+      variants = {r["variant"] for r in rows if r["K"] == k_count}
+      expected = {"single", "loop", "vmap", f"chunked({k_count})", "map", "shard(2)"}
+      self.assertContainsSubset(expected, variants)
+      self.assertTrue(any(v.startswith("drt:") for v in variants), variants)
+    for r in rows:
+      self.assertEqual(r["status"], "ok", r)
+      self.assertTrue(math.isfinite(r["img_s"]) and r["img_s"] > 0, r)
+      self.assertTrue(math.isfinite(r["step_ms"]) and r["step_ms"] > 0, r)
+      self.assertTrue(math.isfinite(r["loss"]), r)
+    self.assertTrue(all(r["ratio_vs_single"] == 1.0 for r in rows if r["variant"] == "single"))
+    self.assertLen(result["comparisons"], 2)
+    # The JSONL stream holds the machine line, every row and every comparison.
+    self.assertIn("machine", lines[0])
+    self.assertEqual([ln for ln in lines if "variant" in ln], rows)
+    self.assertIn("| mlp | 4 | shard(2) |", result["table"])
+
+
+if __name__ == "__main__":
+  absltest.main()
