@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 BACKENDS = ("auto", "vmap", "chunked", "map", "shard")
 AGENTS = "agents"
@@ -98,6 +98,26 @@ def per_agent(fn: Callable, backend: str, num_agents: int, chunk_size: int | Non
                          out_specs=PartitionSpec(AGENTS))(*args)
 
   return sharded
+
+
+def place(tree, backend: str, num_agents: int, *, stacked: bool = True):
+  """Puts ``tree`` where the compiled step expects it, so the step compiles once.
+
+  With the ``shard`` back-end, leaves whose leading axis is the agent axis K are split over the
+  agents mesh (when ``stacked``) and every other leaf is replicated on it; other back-ends leave
+  placement to JAX (the default device).
+  """
+  if resolve(backend, num_agents) != "shard":
+    return tree
+  mesh = agents_mesh()
+  split, replicated = NamedSharding(mesh, PartitionSpec(AGENTS)), NamedSharding(mesh,
+                                                                               PartitionSpec())
+
+  def put(x):
+    is_stacked = stacked and getattr(x, "ndim", 0) >= 1 and x.shape[0] == num_agents
+    return jax.device_put(x, split if is_stacked else replicated)
+
+  return jax.tree.map(put, tree)
 
 
 def _merge(args, stacked, shared):

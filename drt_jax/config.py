@@ -9,10 +9,10 @@ from collections.abc import Mapping
 
 import ml_collections
 
-from drt_jax import algorithms, backends, drt, models, topology
+from drt_jax import algorithms, backends, data, datasets, drt, models, partition, topology
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
-DATASETS = ("synthetic",)
+AUGMENTS = ("auto",) + data.AUGMENTATIONS
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -44,7 +44,19 @@ def default_config() -> ml_collections.ConfigDict:
   c.momentum = 0.9  # for 'momentum' / 'nesterov'
   c.weight_decay = 0.0
   # Data.
-  c.dataset = "synthetic"  # used when train_and_evaluate gets no in-memory data
+  # 'synthetic' (built in) or a tfds image-classification name (datasets.SUPPORTED and others);
+  # used when train_and_evaluate gets no in-memory data. mnist and fashion_mnist load offline
+  # from their embedded copies (scripts/install_data.sh).
+  c.dataset = "mnist"
+  c.data_dir = ""  # tfds data folder ('' = tfds's default, ~/tensorflow_datasets)
+  c.download = False  # let tfds download and prepare an absent dataset (needs internet)
+  c.data_source = "auto"  # one of datasets.SOURCES: embedded copy where installed, else tfds
+  c.validation_fraction = 0.0  # held out of the training split, evaluated as val_* (0 = none)
+  c.partition = "iid"  # one of partition.KINDS
+  c.dirichlet_alpha = 0.5  # partition 'dirichlet': small = label skew, large = near IID
+  c.classes_per_agent = 2  # partition 'shards'
+  c.min_per_agent = 0  # fewest examples per agent (0 = partition's default, >= batch_size)
+  c.augment = "auto"  # one of AUGMENTS: 'auto' = random crop + flip for CIFAR, none otherwise
   c.batch_size = 32  # per agent
   c.num_steps = 200
   c.eval_every = 50  # also evaluates at step 0 and at the end
@@ -124,7 +136,22 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail("drt.reference", c.drt.reference, "one of: " + ", ".join(drt.REFERENCES))
   if isinstance(c.model, str) and c.model not in models.NAMES:
     _fail("model", c.model, "one of: " + ", ".join(models.NAMES))
-  if c.dataset not in DATASETS:
-    _fail("dataset", c.dataset, "one of: " + ", ".join(DATASETS))
+  if not isinstance(c.dataset, str) or not c.dataset.strip():
+    _fail("dataset", c.dataset, "'synthetic' or a tfds name, e.g. one of: "
+          + ", ".join(datasets.SUPPORTED))
+  _one_of(c, "data_source", datasets.SOURCES)
+  _one_of(c, "partition", partition.KINDS)
+  _one_of(c, "augment", AUGMENTS)
+  if not isinstance(c.download, bool):
+    _fail("download", c.download, "True or False")
+  if not 0.0 <= c.validation_fraction < 1.0:
+    _fail("validation_fraction", c.validation_fraction, "a number in [0, 1)")
+  if not (c.dirichlet_alpha > 0 and c.dirichlet_alpha < float("inf")):
+    _fail("dirichlet_alpha", c.dirichlet_alpha, "a finite number > 0 (small: label skew, large: "
+          "near IID)")
+  if not isinstance(c.classes_per_agent, int) or c.classes_per_agent < 1:
+    _fail("classes_per_agent", c.classes_per_agent, "an integer >= 1")
+  if not isinstance(c.min_per_agent, int) or c.min_per_agent < 0:
+    _fail("min_per_agent", c.min_per_agent, "an integer >= 0 (0 = default)")
   if c.backend == "chunked" and (c.chunk_size < 1 or c.num_agents % c.chunk_size):
     _fail("chunk_size", c.chunk_size, f"an integer >= 1 dividing num_agents={c.num_agents}")

@@ -109,30 +109,110 @@ def check_batch(counts: np.ndarray, batch_size: int) -> None:
                      f"examples; lower batch_size to <= {int(counts.min())} or use fewer agents")
 
 
-def _epoch_order(key, epoch, count, width):
-  """A random order of the valid slots ``[0, count)`` of a padded list (padding sorts last)."""
-  u = jax.random.uniform(jax.random.fold_in(key, epoch), (width,))
-  return jnp.argsort(jnp.where(jnp.arange(width) < count, u, 2.0))
+def _mix32(x):
+  """MurmurHash3's 32-bit finaliser: a fast bijective scrambling of uint32 words."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def permute(i, n, round_keys):
+  """Position ``i`` of a keyed pseudo-random permutation of ``[0, n)``, in O(1) per position.
+
+  A balanced Feistel network on ``2h`` bits (``4^h >= n``) whose round function is a keyed
+  ``_mix32``, restricted to ``[0, n)`` by cycle walking (re-encrypting until the value falls in
+  range; fewer than four passes on average since ``4^h < 4n``). Every ``(n, round_keys)`` gives a
+  bijection of ``[0, n)``, so an epoch visits each slot exactly once without sorting all ``n``.
+
+  Args:
+    i: uint32 positions in ``[0, n)``.
+    n: the domain size (a traced scalar is fine), ``1 <= n < 2**31``.
+    round_keys: uint32 ``[R]``, one key per Feistel round.
+  """
+  n = jnp.asarray(n, jnp.uint32)
+  bits = jnp.uint32(32) - jax.lax.clz(jnp.maximum(n - 1, 1))  # bits to write n - 1
+  half = (bits + 1) // 2
+  mask = (jnp.uint32(1) << half) - 1
+
+  def encrypt(x):
+    left, right = x >> half, x & mask
+    for r in range(round_keys.shape[0]):
+      left, right = right, left ^ (_mix32(right ^ round_keys[r]) & mask)
+    return (left << half) | right
+
+  y = encrypt(i.astype(jnp.uint32))
+  y = jax.lax.while_loop(lambda y: jnp.any(y >= n),
+                         lambda y: jnp.where(y >= n, encrypt(y), y), y)
+  return y.astype(jnp.int32)
 
 
 def sample_indices(key, step, idx_KxN, counts_K, batch_size: int):
   """Each agent's batch of training indices at ``step``: ``int32[K, batch_size]``.
 
-  Requires ``batch_size <= counts`` (checked on the host by :func:`check_batch`), so a batch
-  spans at most two local epochs.
+  Agent k's stream position ``t = step * B + b`` is slot ``perm_e(t mod n_k)`` of its list, with
+  ``e = t // n_k`` its local epoch and ``perm_e`` a keyed permutation of ``[0, n_k)``
+  (:func:`permute`, keyed by ``(key, k, e)``): without replacement within an epoch, a fresh order
+  every epoch, O(B) work per step whatever the partition size. Requires ``batch_size <= counts``
+  (checked on the host by :func:`check_batch`).
   """
-  width = idx_KxN.shape[1]
   keys = jax.random.split(key, idx_KxN.shape[0])
 
   def one(key_k, idx, count):
     t = step * batch_size + jnp.arange(batch_size)
-    first = (step * batch_size) // count
     epoch, offset = t // count, t % count
-    slot = jnp.where(epoch == first, _epoch_order(key_k, first, count, width)[offset],
-                     _epoch_order(key_k, first + 1, count, width)[offset])
+    round_keys = jax.vmap(lambda e: jax.random.bits(jax.random.fold_in(key_k, e), (4,),
+                                                    jnp.uint32))(epoch)
+    slot = jax.vmap(lambda o, rk: permute(o, count, rk))(offset, round_keys)
     return idx[slot]
 
   return jax.vmap(one)(keys, idx_KxN, counts_K)
+
+
+AUGMENTATIONS = ("none", "crop_flip")
+
+
+def augmentation_for(name: str, dataset: str) -> str:
+  """The concrete augmentation ``name`` stands for: ``auto`` is ``crop_flip`` for CIFAR only.
+
+  SVHN and the MNIST family are not flipped: a mirrored digit is another symbol.
+  """
+  if name != "auto":
+    return name
+  return "crop_flip" if dataset.split("/", 1)[0] in ("cifar10", "cifar100") else "none"
+
+
+def crop_flip(key, images, pad: int = 4):
+  """Random crop after zero padding by ``pad`` pixels, and a random horizontal flip.
+
+  The standard CIFAR augmentation (He et al. 2016, "Deep residual learning for image
+  recognition", arXiv:1512.03385, Sec. 4.2), done on the device inside the compiled step.
+  ``images`` is ``[K, B, H, W, C]`` in storage scale (padding is black); ``key`` is split into one
+  key per agent and image, so every agent draws its own crops.
+  """
+  k_count, batch, height, width = images.shape[:4]
+  keys = jax.random.split(key, (k_count, batch))
+
+  def one(key, image):
+    k_y, k_x, k_f = jax.random.split(key, 3)
+    padded = jnp.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+    dy = jax.random.randint(k_y, (), 0, 2 * pad + 1)
+    dx = jax.random.randint(k_x, (), 0, 2 * pad + 1)
+    out = jax.lax.dynamic_slice(padded, (dy, dx, 0), image.shape)
+    return jnp.where(jax.random.bernoulli(k_f), out[:, ::-1], out)
+
+  del height, width
+  return jax.vmap(jax.vmap(one))(keys, images)
+
+
+def augment(kind: str, key, images):
+  """Applies augmentation ``kind`` (one of :data:`AUGMENTATIONS`) to ``[K, B, H, W, C]`` images."""
+  if kind == "none":
+    return images
+  if kind == "crop_flip":
+    return crop_flip(key, images)
+  raise ValueError(f"unknown augmentation {kind!r}; expected one of: {', '.join(AUGMENTATIONS)}")
 
 
 def normalisation(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,7 @@ live in the state, so sweeping them does not recompile either (compiled steps ar
 static configuration within a process).
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -27,7 +28,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from drt_jax import algorithms, backends, models
+from drt_jax import algorithms, backends, datasets, models, partition
 from drt_jax import combine as combine_lib
 from drt_jax import config as config_lib
 from drt_jax import data as data_lib
@@ -116,6 +117,20 @@ def _stack(tree, k_count):
   return jax.tree.map(lambda x: jnp.tile(x[None], (k_count,) + (1,) * x.ndim), tree)
 
 
+def draw_batch(key, step, d: DeviceData, batch_size: int, augmentation: str = "none"):
+  """Every agent's training batch at ``step``, drawn on the device: ``(x [K, B, ...], y [K, B])``.
+
+  Indices come from each agent's own list, without replacement within its local epochs
+  (:func:`drt_jax.data.sample_indices`, keyed by the run's sampling key alone so that an epoch's
+  order stays fixed across its steps); augmentation uses a key folded with the step; images are
+  normalised last.
+  """
+  idx = data_lib.sample_indices(jax.random.fold_in(key, 0), step, d.idx, d.counts, batch_size)
+  x = data_lib.augment(augmentation, jax.random.fold_in(jax.random.fold_in(key, 1), step),
+                       d.images[idx])
+  return _normalise(x, d.mean, d.std), d.labels[idx]
+
+
 # --------------------------------------------------------------------------------------------
 # The compiled programs.
 
@@ -132,6 +147,7 @@ def build_programs(c: ml_collections.ConfigDict, model: models.Model,
                    alg: algorithms.Algorithm) -> Programs:
   """Jits the train step and the evaluation functions for config ``c``."""
   k_count, batch = c.num_agents, c.batch_size
+  augmentation = data_lib.augmentation_for(c.augment, c.dataset)
   lift = functools.partial(backends.per_agent, backend=c.backend, num_agents=k_count,
                            chunk_size=c.chunk_size or None)
 
@@ -149,10 +165,7 @@ def build_programs(c: ml_collections.ConfigDict, model: models.Model,
   lifted_grads = lift(agent_grads)
 
   def train_step(state: TrainState, topology, d: DeviceData):
-    key = jax.random.fold_in(state.key, state.step)
-    idx = data_lib.sample_indices(key, state.step, d.idx, d.counts, batch)
-    x = _normalise(d.images[idx], d.mean, d.std)
-    y = d.labels[idx]
+    x, y = draw_batch(state.key, state.step, d, batch, augmentation)
     point = state.params
     if alg.grad_point is not None:
       point = alg.grad_point(state.params, state.alg_state, topology)
@@ -234,9 +247,12 @@ def _static_key(c: ml_collections.ConfigDict, model_obj) -> str:
   d = c.to_dict()
   for traced in ("learning_rate", "momentum", "weight_decay", "seed", "num_steps", "eval_every",
                  "log_every", "lazy", "topology", "topology_options", "topology_weights",
-                 "same_init", "dataset", "eval_examples", "train_eval_examples"):
+                 "same_init", "eval_examples", "train_eval_examples", "data_dir", "download",
+                 "data_source", "validation_fraction", "partition", "dirichlet_alpha",
+                 "classes_per_agent", "min_per_agent"):
     d.pop(traced, None)
   d["drt"].pop("strength", None)
+  d["augment"] = data_lib.augmentation_for(d["augment"], d.pop("dataset"))
   d["model_id"] = id(model_obj) if model_obj is not None else None
   return json.dumps(d, sort_keys=True, default=str)
 
@@ -268,6 +284,69 @@ def _eval_set(images, labels, n: int, batch: int, seed: int) -> EvalSet:
                  jnp.asarray(mask.reshape(shape)))
 
 
+def load_data(c: ml_collections.ConfigDict) -> data_lib.Data:
+  """The dataset ``config.dataset`` names, in host memory (``synthetic`` or a tfds name)."""
+  if c.dataset == "synthetic":
+    return data_lib.synthetic(seed=c.seed)
+  return datasets.load(c.dataset, data_dir=c.data_dir or None, download=c.download,
+                       source=c.data_source)
+
+
+class Prepared(NamedTuple):
+  """The data of one run, on the host: what trains, who holds what, and the held-out split."""
+
+  data: data_lib.Data  # training split without the validation examples
+  parts: list  # one sorted index array into data.train_labels per agent
+  validation: tuple | None  # (images, labels) or None
+
+
+def prepare_data(c: ml_collections.ConfigDict, d: data_lib.Data) -> Prepared:
+  """Holds out the validation split and partitions the rest across the agents (config fields
+  ``validation_fraction``, ``partition``, ``dirichlet_alpha``, ``classes_per_agent``,
+  ``min_per_agent``), unless ``d`` brings its own ``agent_indices``. Checks every agent can fill a
+  batch. Raises ValueError with one line naming the problem.
+  """
+  validation = None
+  if c.validation_fraction > 0:
+    if d.agent_indices is not None:
+      raise ValueError("config.validation_fraction > 0 but the data bring their own "
+                       "agent_indices (into the full training split); hold out the validation "
+                       "examples before partitioning, or set validation_fraction=0")
+    d, validation = datasets.validation_split(d, c.validation_fraction, seed=c.seed)
+  parts = d.agent_indices
+  if parts is None:
+    n = len(d.train_labels)
+    if c.num_agents > n:
+      raise ValueError(f"num_agents={c.num_agents} but {d.name} has only {n} training examples; "
+                       "use fewer agents or more data")
+    minimum = c.min_per_agent or max(partition.default_min_per_agent(n, c.num_agents),
+                                     min(c.batch_size, n // c.num_agents))
+    parts = partition.make(c.partition, d.train_labels, c.num_agents, seed=c.seed,
+                           alpha=c.dirichlet_alpha, classes_per_agent=c.classes_per_agent,
+                           min_per_agent=minimum)
+  parts = [np.asarray(p) for p in parts]
+  if len(parts) != c.num_agents:
+    raise ValueError(f"data has index lists for {len(parts)} agents but config.num_agents="
+                     f"{c.num_agents}; give one index array per agent")
+  counts = np.array([len(p) for p in parts])
+  data_lib.check_batch(counts, c.batch_size)
+  return Prepared(d, parts, validation)
+
+
+def device_data(d: data_lib.Data, parts) -> DeviceData:
+  """The training split on the device once, with the agents' padded index lists."""
+  idx, counts = data_lib.pad_partition(parts, len(d.train_labels))
+  mean, std = data_lib.normalisation(d.train_images)
+  return DeviceData(jnp.asarray(d.train_images), jnp.asarray(d.train_labels, jnp.int32),
+                    jnp.asarray(idx), jnp.asarray(counts), jnp.asarray(mean), jnp.asarray(std))
+
+
+def device_bytes(tree) -> int:
+  """Bytes that the arrays of ``tree`` occupy on their devices (every replica counted)."""
+  return sum(shard.data.nbytes for leaf in jax.tree.leaves(tree)
+             for shard in leaf.addressable_shards)
+
+
 def init_state(c, model: models.Model, alg: algorithms.Algorithm, topology) -> TrainState:
   """Stacked variables (one shared initialisation unless ``same_init`` is off) and states."""
   root = jax.random.key(c.seed)
@@ -285,12 +364,19 @@ def init_state(c, model: models.Model, alg: algorithms.Algorithm, topology) -> T
 class _Writer:
   """metrics.jsonl and config.json in the workdir (nothing is written without one)."""
 
-  def __init__(self, workdir, c):
+  def __init__(self, workdir, c, prepared: Prepared | None = None):
     self.path = None
     if workdir:
       os.makedirs(workdir, exist_ok=True)
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(c.to_json(indent=2, sort_keys=True))
+      if prepared is not None:
+        partition.save(prepared.parts, os.path.join(workdir, "partition.npz"))
+        hist = partition.label_histogram(prepared.parts, prepared.data.train_labels,
+                                         prepared.data.classes)
+        partition.plot_histogram(hist, os.path.join(workdir, "partition.png"),
+                                 f"{prepared.data.name}: {c.partition} partition over "
+                                 f"K={c.num_agents} agents")
       self.path = os.path.join(workdir, "metrics.jsonl")
       open(self.path, "w").close()
 
@@ -300,6 +386,10 @@ class _Writer:
                for k, v in row.items()}
       with open(self.path, "a") as f:
         f.write(json.dumps(clean) + "\n")
+
+
+def _megabytes(n: int) -> str:
+  return f"{n / 2**20:.1f} MiB"
 
 
 def _check_finite(loss_K: np.ndarray, step: int):
@@ -328,34 +418,39 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
     history[-1]["test_acc_mean"]
   """
   c = config_lib.resolve(config)
-  d = data_lib.as_data(data) if data is not None else data_lib.synthetic(seed=c.seed)
-  parts = d.agent_indices
-  if parts is None:
-    parts = data_lib.partition_iid(len(d.train_labels), c.num_agents, seed=c.seed)
-  if len(parts) != c.num_agents:
-    raise ValueError(f"data has index lists for {len(parts)} agents but config.num_agents="
-                     f"{c.num_agents}; give one index array per agent")
-  idx, counts = data_lib.pad_partition(parts, len(d.train_labels))
-  data_lib.check_batch(counts, c.batch_size)
+  d = data_lib.as_data(data) if data is not None else load_data(c)
+  prepared = prepare_data(c, d)
+  d = prepared.data
   backends.check(c.backend, c.num_agents, c.chunk_size or None)
   topo = make_topology(c)
   net = model if model is not None else make_model(c, d)
   alg = make_algorithm(c)
   progs = programs_for(c, net, alg, model)
 
-  mean, std = data_lib.normalisation(d.train_images)
-  dev = DeviceData(jnp.asarray(d.train_images), jnp.asarray(d.train_labels, jnp.int32),
-                   jnp.asarray(idx), jnp.asarray(counts), jnp.asarray(mean), jnp.asarray(std))
-  test_set = _eval_set(d.test_images, d.test_labels, c.eval_examples, c.eval_batch_size, c.seed)
-  train_set = _eval_set(d.train_images, d.train_labels, c.train_eval_examples,
-                        c.eval_batch_size, c.seed + 1)
-  n_test = int(np.sum(np.asarray(test_set.mask)))
-  n_train = int(np.sum(np.asarray(train_set.mask)))
+  dev = device_data(d, prepared.parts)
+  counts = np.asarray(dev.counts)
+  eval_sets = {"test": _eval_set(d.test_images, d.test_labels, c.eval_examples,
+                                 c.eval_batch_size, c.seed),
+               "train": _eval_set(d.train_images, d.train_labels, c.train_eval_examples,
+                                  c.eval_batch_size, c.seed + 1)}
+  if prepared.validation is not None:
+    eval_sets["val"] = _eval_set(*prepared.validation, c.eval_examples, c.eval_batch_size,
+                                 c.seed + 2)
+  sizes = {k: int(np.sum(np.asarray(v.mask))) for k, v in eval_sets.items()}
 
-  state = init_state(c, net, alg, topo)
+  state = backends.place(init_state(c, net, alg, topo), c.backend, c.num_agents)
+  place = functools.partial(backends.place, backend=c.backend, num_agents=c.num_agents,
+                            stacked=False)
+  dev = dev._replace(**place(dict(images=dev.images, labels=dev.labels, mean=dev.mean,
+                                  std=dev.std)))
+  topo = dataclasses.replace(topo, **place({"nbr_idx": topo.nbr_idx, "nbr_w": topo.nbr_w}))
+  eval_sets = place(eval_sets)
   bytes_sent = metrics_lib.bytes_per_agent_step(topo, metrics_lib.tree_bytes(state.params),
                                                 c.comm_every, c.algorithm != "local")
-  writer = _Writer(workdir, c)
+  writer = _Writer(workdir, c, prepared)
+  logging.info("data %s: %d training examples over %d agents (%s partition, %d-%d each), "
+               "%s on device", d.name, len(d.train_labels), c.num_agents, c.partition,
+               counts.min(), counts.max(), _megabytes(device_bytes(dev)))
   logging.info("devices: %s; backend %s -> %s", jax.devices(), c.backend,
                backends.resolve(c.backend, c.num_agents))
   logging.info("topology %s (slem %.4f); algorithm %s; K=%d", topo, topo.slem(), c.algorithm,
@@ -367,14 +462,13 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
 
   def evaluate(step):
     nonlocal last_time, last_step, losses, accs
-    test = jax.device_get(progs.evaluate(state.params, state.model_state, test_set, dev.mean,
-                                         dev.std))
-    train = jax.device_get(progs.evaluate(state.params, state.model_state, train_set,
-                                          dev.mean, dev.std))
+    sums = {name: jax.device_get(progs.evaluate(state.params, state.model_state, ev, dev.mean,
+                                                dev.std)) for name, ev in eval_sets.items()}
     pm = jax.device_get(progs.param_metrics(state.params, state.model_state, state.alg_state,
                                             topo))
+    test, n_test = sums["test"], sizes["test"]
     test_acc = test["correct"] / n_test
-    train_acc = train["correct"] / n_train
+    train_acc = sums["train"]["correct"] / sizes["train"]
     now = time.perf_counter()
     row = {
         "step": step,
@@ -390,6 +484,10 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
         "train_acc_mean": float(np.mean(train_acc)),
         "gen_gap": float(np.mean(train_acc) - np.mean(test_acc)),
         "output_disagreement": float(test["disagreement"] / n_test),
+        **({"val_acc_mean": float(np.mean(sums["val"]["correct"]) / sizes["val"]),
+            "val_loss_mean": float(np.mean(sums["val"]["loss"]) / sizes["val"]),
+            "centroid_val_acc": float(sums["val"]["centroid_correct"] / sizes["val"])}
+           if "val" in sums else {}),
         "bytes_per_agent_step": bytes_sent,
         "steps_per_sec": (step - last_step) / max(now - last_time, 1e-9),
         "wall_time": now - start,

@@ -73,6 +73,9 @@ flags.DEFINE_float("prune_below", 0.0, "Skip a back-end at larger K once it ran 
                    "to the single model at a smaller K of the same model (0 = never).")
 flags.DEFINE_string("out", "benchmark.json", "JSON result; per-case lines go to <out>.jsonl.")
 flags.DEFINE_bool("smoke", False, "Tiny run for CI: mlp, K=2,4, batch 4, 2 steps.")
+flags.DEFINE_string("data_memory", "mnist", "Dataset whose device footprint for "
+                    "--data_memory_k agents is reported ('' skips; 'synthetic' in --smoke).")
+flags.DEFINE_integer("data_memory_k", 64, "K for the data-memory line.")
 flags.DEFINE_integer("host_devices", 1, "If > 1, virtual CPU devices to create (for 'shard').")
 
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
@@ -155,12 +158,29 @@ def _compile(jitted, *args):
 
 
 def _device_data(d: data_lib.Data, k_count: int) -> train.DeviceData:
-  parts = data_lib.partition_iid(len(d.train_labels), k_count, seed=0)
-  idx, counts = data_lib.pad_partition(parts, len(d.train_labels))
-  mean, std = data_lib.normalisation(d.train_images)
-  return train.DeviceData(jnp.asarray(d.train_images), jnp.asarray(d.train_labels, jnp.int32),
-                          jnp.asarray(idx), jnp.asarray(counts), jnp.asarray(mean),
-                          jnp.asarray(std))
+  return train.device_data(d, data_lib.partition_iid(len(d.train_labels), k_count, seed=0))
+
+
+def data_memory(name: str, k_count: int) -> dict:
+  """Device bytes of a dataset set up for K agents as training does: one copy plus indices."""
+  c = config_lib.resolve({"dataset": name, "num_agents": k_count, "batch_size": 1})
+  d = train.load_data(c)
+  dev = train.device_data(d, train.prepare_data(c, d).parts)
+  parts = {field: train.device_bytes(getattr(dev, field)) for field in dev._fields}
+  total = sum(parts.values())
+  return {"dataset": d.name, "K": k_count, "train_examples": len(d.train_labels),
+          "device_bytes": total, "bytes_by_field": parts,
+          "k_copies_bytes": k_count * (parts["images"] + parts["labels"]),
+          "devices": jax.local_device_count()}
+
+
+def _data_memory_line(m: dict) -> str:
+  mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
+  return (f"data on device, {m['dataset']} ({m['train_examples']:,} training examples), "
+          f"K = {m['K']}: {mib(m['device_bytes'])} = images {mib(m['bytes_by_field']['images'])}"
+          f" + labels {mib(m['bytes_by_field']['labels'])} + index lists "
+          f"{mib(m['bytes_by_field']['idx'] + m['bytes_by_field']['counts'])}; K copies would "
+          f"be {mib(m['k_copies_bytes'])}")
 
 
 class Case(NamedTuple):
@@ -351,9 +371,11 @@ class _Sink:
 
 def _settings() -> dict:
   s = {"models": FLAGS.models, "ks": [int(k) for k in FLAGS.ks], "batch": FLAGS.batch,
-       "steps": FLAGS.steps, "warmup": FLAGS.warmup}
+       "steps": FLAGS.steps, "warmup": FLAGS.warmup, "data_memory": FLAGS.data_memory,
+       "data_memory_k": FLAGS.data_memory_k}
   if FLAGS.smoke:
-    s.update(models=["mlp"], ks=[2, 4], batch=4, steps=2, warmup=1)
+    s.update(models=["mlp"], ks=[2, 4], batch=4, steps=2, warmup=1,
+             data_memory=FLAGS.data_memory and "synthetic")
   if s["steps"] < 1 or s["warmup"] < 0 or s["batch"] < 1 or min(s["ks"]) < 1:
     raise app.UsageError("--steps, --batch and --ks must be >= 1 and --warmup >= 0")
   unknown = sorted(set(s["models"]) - set(_SHAPES))
@@ -461,13 +483,18 @@ def main(argv):
       comparisons += [comparison] if comparison else []
 
   table = _table(machine, rows, comparisons)
+  memory = None
+  if s["data_memory"]:
+    memory = data_memory(s["data_memory"], s["data_memory_k"])
+    sink.write({"data_memory": memory})
+    table += "\n" + _data_memory_line(memory) + "\n"
   print(table)
   result = {"machine": machine, "settings": s, "flags": {
       "backends": FLAGS.backends, "chunk_size": FLAGS.chunk_size, "algorithm": FLAGS.algorithm,
       "compare": FLAGS.compare, "topology": FLAGS.topology, "host_devices": FLAGS.host_devices,
       "prune_below": FLAGS.prune_below,
       "case_budget_s": FLAGS.case_budget_s, "argv": sys.argv},
-      "rows": rows, "comparisons": comparisons, "table": table}
+      "rows": rows, "comparisons": comparisons, "data_memory": memory, "table": table}
   with open(FLAGS.out, "w") as f:
     json.dump(result, f, indent=2)
   logging.info("wrote %s and %s", FLAGS.out, sink.path)

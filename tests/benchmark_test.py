@@ -51,6 +51,13 @@ class BenchmarkSmokeTest(absltest.TestCase):
     self.assertIn("machine", lines[0])
     self.assertEqual([ln for ln in lines if "variant" in ln], rows)
     self.assertIn("| mlp | 4 | shard(2) |", result["table"])
+    # The data-memory line: one copy of the images (on each of the 2 devices at most), not K.
+    memory = result["data_memory"]
+    self.assertEqual(memory["K"], 64)
+    images = memory["bytes_by_field"]["images"]
+    self.assertLessEqual(memory["device_bytes"], 2 * images + 2**20)
+    self.assertEqual(memory["k_copies_bytes"] // 64, images + memory["bytes_by_field"]["labels"])
+    self.assertIn("data on device, synthetic", result["table"])
 
 
 if __name__ == "__main__":

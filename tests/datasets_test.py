@@ -191,8 +191,12 @@ class IdxTest(absltest.TestCase):
 
 
 def _skip_unless_embedded(test, name):
+  """Skips without the embedded copy, except under DRT_JAX_REQUIRE_DATA=1 (CI), where it fails."""
   if datasets.embedded_dir(name) is None:
-    test.skipTest(f"embedded {name} not installed (bash scripts/install_data.sh .venv)")
+    message = f"embedded {name} not installed (bash scripts/install_data.sh .venv)"
+    if os.environ.get("DRT_JAX_REQUIRE_DATA") == "1":
+      test.fail(message)
+    test.skipTest(message)
 
 
 class EmbeddedTest(parameterized.TestCase):

@@ -91,7 +91,7 @@ class TrainAndEvaluateTest(parameterized.TestCase):
       ("bad_strength", {"drt": {"strength": -1.0}}, "config.drt.strength=-1.0"),
       ("bad_agents", {"num_agents": 0}, "config.num_agents=0"),
       ("batch_too_big", {"batch_size": 100}, "exceeds agent 0's partition of 64"),
-      ("too_many_agents", {"num_agents": 300}, "300 agents but only 256"),
+      ("too_many_agents", {"num_agents": 300}, "num_agents=300 but synthetic has only 256"),
       ("chunk_not_dividing", {"backend": "chunked", "chunk_size": 3}, "config.chunk_size=3"),
   )
   def test_bad_input_is_refused_in_one_line(self, override, message):
@@ -173,6 +173,17 @@ class CompiledStepTest(parameterized.TestCase):
       state, _ = progs.train_step(state, schedule, dev)
     self.assertEqual(progs.train_step._cache_size(), 2)
     self.assertEqual(int(state.step), 3 + 2 * schedule.period)
+
+  @parameterized.parameters("vmap", "shard")
+  def test_train_and_evaluate_compiles_each_program_once(self, backend):
+    c = {**TINY, "num_agents": 8, "backend": backend, "algorithm": "drt",
+         "model_options": {"hidden": (12,)}}  # a shape no other test compiles in this process
+    with jax.log_compiles(), self.assertLogs("jax._src.interpreters.pxla", "WARNING") as logs:
+      train.train_and_evaluate(c, data=tiny_data())
+    compiled = [line.split("Compiling jit(")[1].split(")")[0] for line in logs.output
+                if "Compiling jit(" in line]
+    for program in ("train_step", "evaluate", "param_metrics"):
+      self.assertEqual(compiled.count(program), 1, f"{program} compiled {compiled}")
 
   def test_combined_batch_stats_agree_on_the_full_graph(self):
     d = tiny_data(shape=(12, 12, 1))
