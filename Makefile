@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-RUN_DIR ?= runs/quickstart
+RUN_DIR ?= runs/default
 export JAX_COMPILATION_CACHE_DIR ?= $(HOME)/.cache/drt_jax/jax
 
 .PHONY: run test lint bench clean
@@ -17,7 +17,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml scripts/install_d
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) experiments/quickstart.py --workdir $(RUN_DIR)
+	$(PY) experiments/train.py --config=experiments/configs/default.py --workdir=$(RUN_DIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q --durations=15 tests

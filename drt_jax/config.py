@@ -24,6 +24,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.topology_weights = "metropolis"
   c.topology_options = ml_collections.ConfigDict()
   c.lazy = 0.0  # alpha in alpha*I + (1-alpha)*A: slower mixing on the same graph (0 = off)
+  c.self_weight = 0.0  # every agent's self-weight, neighbours rescaled (matched mixing; 0 = off)
   # Algorithm: one of algorithms.NAMES.
   c.algorithm = "atc"
   c.comm_every = 1  # combine every H-th step (local steps in between)
@@ -124,6 +125,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail("weight_decay", c.weight_decay, "a number >= 0")
   if not 0.0 <= c.lazy < 1.0:
     _fail("lazy", c.lazy, "a number in [0, 1)")
+  if not 0.0 <= c.self_weight < 1.0:
+    _fail("self_weight", c.self_weight, "a number in [0, 1) (0 = the weight rule's own)")
   if not c.drt.strength >= 0:
     _fail("drt.strength", c.drt.strength, "a number >= 0")
   if not 0.0 <= c.drt.floor < 1.0:

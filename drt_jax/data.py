@@ -86,12 +86,18 @@ def partition_iid(num_examples: int, num_agents: int, seed: int = 0) -> list[np.
 
 def pad_partition(parts: Sequence[np.ndarray], num_examples: int) -> tuple[np.ndarray,
                                                                            np.ndarray]:
-  """Per-agent index lists -> ``(idx int32[K, N], counts int32[K])``, padding with index 0."""
+  """Per-agent index lists -> ``(idx int32[K, W], counts int32[K])``, padding with index 0.
+
+  The width W is the largest list's length rounded up to a power of two (at most
+  ``num_examples``), so that partitions drawn with other seeds usually share the padded shape and
+  a sweep over seeds reuses the compiled step.
+  """
   counts = np.array([len(p) for p in parts], np.int32)
   if counts.min(initial=1) < 1:
     raise ValueError(f"agent {int(np.argmin(counts))} has no training examples; every agent "
                      "needs at least one")
-  idx = np.zeros((len(parts), int(counts.max())), np.int32)
+  width = min(max(int(num_examples), int(counts.max())), 1 << int(counts.max() - 1).bit_length())
+  idx = np.zeros((len(parts), width), np.int32)
   for k, p in enumerate(parts):
     p = np.asarray(p)
     if p.size and (p.min() < 0 or p.max() >= num_examples):

@@ -30,3 +30,23 @@ def plot_histories(histories: dict, path: str, metrics=DEFAULT_METRICS) -> str:
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
+
+
+def plot_self_weights(history: list, path: str, title: str | None = None) -> str | None:
+  """DRT's mean self-weight per layer vs step (``self_weight/<layer>`` columns); None if absent."""
+  layers = sorted({k.split("/", 1)[1] for r in history for k in r if k.startswith("self_weight/")})
+  if not layers:
+    return None
+  fig, ax = plt.subplots(figsize=(5.6, 3.6))
+  for layer in layers:
+    rows = [r for r in history if r.get(f"self_weight/{layer}") is not None]
+    ax.plot([r["step"] for r in rows], [r[f"self_weight/{layer}"] for r in rows], label=layer)
+  ax.set_xlabel("step")
+  ax.set_ylabel("mean self-weight a_kk")
+  ax.set_title(title or "DRT self-weight per layer", fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path

@@ -130,6 +130,24 @@ class Topology:
     w[..., 0] += alpha
     return dataclasses.replace(self, nbr_w=w.astype(np.float32), kind=f"{self.kind}_lazy")
 
+  def with_self_weight(self, s: float) -> "Topology":
+    """Every agent keeps share ``s`` of itself; its neighbours' weights are rescaled to ``1 - s``.
+
+    Columns still sum to one; on a regular graph with symmetric weights (ring, torus) the matrix
+    stays symmetric. An agent without neighbours at a step keeps weight one. Used for baselines
+    with matched mixing (the same self-weight as another method's run).
+    """
+    if not 0.0 < s < 1.0:
+      raise ValueError(f"self_weight={s} is outside (0, 1); pick the share each agent keeps")
+    w = np.asarray(self.nbr_w, np.float64).copy()
+    old = w[..., 0]
+    has_nbrs = old < 1.0 - 1e-9
+    scale = np.where(has_nbrs, (1.0 - s) / np.where(has_nbrs, 1.0 - old, 1.0), 1.0)
+    w[..., 1:] *= scale[..., None]
+    w[..., 0] = np.where(has_nbrs, s, old)
+    return dataclasses.replace(self, nbr_w=w.astype(np.float32),
+                               kind=f"{self.kind}_self{s:g}")
+
   def __repr__(self):
     return (f"Topology(kind={self.kind!r}, K={self.num_agents}, period={self.period}, "
             f"max_degree={self.max_degree}, directed={self.directed})")
@@ -374,7 +392,8 @@ def make(kind: str, num_agents: int, *, weights: str = "metropolis", seed: int =
     weights: ``"metropolis"`` (default) or ``"uniform"``.
     seed: seeds random graphs (``erdos_renyi``, ``random_matching``).
     **kw: graph options: ``rows``/``cols`` (torus, grid), ``p`` (erdos_renyi), ``period``
-      (random_matching), ``lazy`` (a self-weight share alpha: ``alpha I + (1 - alpha) A``).
+      (random_matching), ``lazy`` (a self-weight share alpha: ``alpha I + (1 - alpha) A``),
+      ``self_weight`` (every agent's self-weight set to s, see :meth:`Topology.with_self_weight`).
 
   Example::
 
@@ -389,12 +408,13 @@ def make(kind: str, num_agents: int, *, weights: str = "metropolis", seed: int =
   if not isinstance(num_agents, (int, np.integer)) or num_agents < 1:
     raise ValueError(f"num_agents={num_agents!r} must be an integer >= 1")
   lazy = kw.pop("lazy", None)
+  self_weight = kw.pop("self_weight", None)
   builder = _GRAPHS[kind]
   accepted = [n for n in inspect.signature(builder).parameters if n not in ("num_agents", "seed")]
   unknown = sorted(set(kw) - set(accepted))
   if unknown:
     raise ValueError(f"topology {kind!r} takes no option {unknown[0]!r}; its options: "
-                     f"{', '.join(accepted + ['lazy']) }")
+                     f"{', '.join(accepted + ['lazy', 'self_weight'])}")
   if "seed" in inspect.signature(builder).parameters:
     kw["seed"] = seed
   adjs = builder(int(num_agents), **kw)
@@ -402,4 +422,5 @@ def make(kind: str, num_agents: int, *, weights: str = "metropolis", seed: int =
   mats = np.stack([_weights(adj, weights) for adj in adjs])
   topo = from_matrices(mats, kind=kind)
   topo = dataclasses.replace(topo, directed=not all(np.array_equal(a, a.T) for a in adjs))
-  return topo.lazy(lazy) if lazy else topo
+  topo = topo.lazy(lazy) if lazy else topo
+  return topo.with_self_weight(self_weight) if self_weight else topo

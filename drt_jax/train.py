@@ -100,6 +100,8 @@ def make_topology(c: ml_collections.ConfigDict) -> topology_lib.Topology:
   options = dict(c.topology_options)
   if c.lazy:
     options["lazy"] = c.lazy
+  if c.self_weight:
+    options["self_weight"] = c.self_weight
   return topology_lib.make(c.topology, c.num_agents, weights=c.topology_weights, seed=c.seed,
                            **options)
 
@@ -246,10 +248,10 @@ def _static_key(c: ml_collections.ConfigDict, model_obj) -> str:
   """The config fields that change the compiled programs (hyperparameters in the state do not)."""
   d = c.to_dict()
   for traced in ("learning_rate", "momentum", "weight_decay", "seed", "num_steps", "eval_every",
-                 "log_every", "lazy", "topology", "topology_options", "topology_weights",
-                 "same_init", "eval_examples", "train_eval_examples", "data_dir", "download",
-                 "data_source", "validation_fraction", "partition", "dirichlet_alpha",
-                 "classes_per_agent", "min_per_agent"):
+                 "log_every", "lazy", "self_weight", "topology", "topology_options",
+                 "topology_weights", "same_init", "eval_examples", "train_eval_examples",
+                 "data_dir", "download", "data_source", "validation_fraction", "partition",
+                 "dirichlet_alpha", "classes_per_agent", "min_per_agent"):
     d.pop(traced, None)
   d["drt"].pop("strength", None)
   d["augment"] = data_lib.augmentation_for(d["augment"], d.pop("dataset"))
@@ -361,6 +363,41 @@ def init_state(c, model: models.Model, alg: algorithms.Algorithm, topology) -> T
                     k_sample)
 
 
+def check_workdir(workdir, c: ml_collections.ConfigDict, overwrite: bool = False) -> None:
+  """Refuses a workdir that holds a run of a different config, unless ``overwrite``.
+
+  A workdir with the same config (a rerun) is accepted; its files are replaced.
+  """
+  path = os.path.join(workdir, "config.json") if workdir else None
+  if overwrite or not path or not os.path.exists(path):
+    return
+  with open(path) as f:
+    try:
+      old = json.load(f)
+    except json.JSONDecodeError:
+      old = {}
+  new = json.loads(c.to_json())
+  if old != new:
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    field = next(k for k in sorted(set(flat_old) | set(flat_new))
+                 if flat_old.get(k, "<absent>") != flat_new.get(k, "<absent>"))
+    was, now = flat_old.get(field, "<absent>"), flat_new.get(field, "<absent>")
+    raise ValueError(f"workdir {workdir} holds a run of a different config ({field}: {was!r} "
+                     f"there, {now!r} now); use another workdir or overwrite (overwrite=True, "
+                     "--overwrite)")
+  logging.warning("workdir %s holds a run of the same config; replacing it", workdir)
+
+
+def _flatten(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
 class _Writer:
   """metrics.jsonl and config.json in the workdir (nothing is written without one)."""
 
@@ -400,7 +437,7 @@ def _check_finite(loss_K: np.ndarray, step: int):
 
 
 def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
-                       model: models.Model | None = None) -> list[dict]:
+                       model: models.Model | None = None, overwrite: bool = False) -> list[dict]:
   """Trains K agents and returns the history: one dict of metrics per evaluation.
 
   Args:
@@ -411,6 +448,7 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
       ``config.dataset`` is loaded.
     model: a :class:`drt_jax.models.Model` (e.g. ``models.from_flax(module, shape, classes)``)
       instead of ``config.model``.
+    overwrite: replace a run of a different config in ``workdir`` (otherwise refused).
 
   Example::
 
@@ -418,6 +456,7 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
     history[-1]["test_acc_mean"]
   """
   c = config_lib.resolve(config)
+  check_workdir(workdir, c, overwrite)
   d = data_lib.as_data(data) if data is not None else load_data(c)
   prepared = prepare_data(c, d)
   d = prepared.data

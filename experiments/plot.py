@@ -1,0 +1,178 @@
+r"""Comparison figures and tables of sweep results (``experiments/sweep.py`` JSONL files).
+
+Runs that differ only in ``seed`` form one group; each group is drawn as its mean over seeds with a
+shaded mean ± std band, and summarised as mean ± std of its final metrics.
+
+  python experiments/plot.py --sweep=runs/sweep.jsonl --out=runs/sweep_plots
+
+writes ``comparison.png`` and ``summary.md`` to ``--out`` and prints the table. From Python::
+
+  import plot
+  groups = plot.group(plot.load("runs/sweep.jsonl"))
+  print(plot.summary(groups))
+  plot.plot(groups, "comparison.png")
+"""
+
+import json
+import os
+from collections.abc import Sequence
+
+import matplotlib
+import numpy as np
+from absl import app, flags
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+DEFAULT_METRICS = ("test_acc_mean", "gen_gap", "consensus_distance", "output_disagreement")
+TITLES = {
+    "test_acc_mean": "mean test accuracy",
+    "gen_gap": "generalization gap (train - test acc)",
+    "consensus_distance": "consensus distance",
+    "output_disagreement": "output disagreement",
+}
+# Columns of summary(): (header, how a run gives the value, number format).
+_COLUMNS = (
+    ("final test acc", lambda r: r["final"].get("test_acc_mean"), ".4f"),
+    ("best test acc", lambda r: r.get("best_test_acc_mean"), ".4f"),
+    ("final gen gap", lambda r: r["final"].get("gen_gap"), ".4f"),
+    ("final consensus", lambda r: r["final"].get("consensus_distance"), ".3g"),
+    ("final disagreement", lambda r: r["final"].get("output_disagreement"), ".3g"),
+)
+
+
+def load(paths: str | Sequence[str]) -> list[dict]:
+  """The ok rows of one or more sweep files; a run stored twice (same full config) counts once."""
+  paths = [paths] if isinstance(paths, str) else list(paths)
+  rows = {}
+  for path in paths:
+    with open(path) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:
+          continue  # empty, or cut short by a killed sweep
+        if row.get("status") == "ok":
+          rows[json.dumps(row.get("config", row["key"]), sort_keys=True)] = row
+  return list(rows.values())
+
+
+def _field(config: dict, name: str):
+  for part in name.split("."):
+    config = config.get(part) if isinstance(config, dict) else None
+  return config
+
+
+def _label(pairs) -> str:
+  return ", ".join(f"{k}={v}" for k, v in pairs) or "base"
+
+
+def group(rows: Sequence[dict], by: str | Sequence[str] | None = None) -> dict[str, list[dict]]:
+  """Groups runs by label, in the order they first appear.
+
+  By default a label is the run's overrides other than ``seed`` (``"algorithm=drt,
+  topology=ring"``), so a group holds the seeds of one setting. ``by`` names the config fields
+  (dotted allowed) that make the label instead, e.g. ``by="algorithm"``.
+  """
+  by = [by] if isinstance(by, str) else by
+  groups = {}
+  for row in rows:
+    if by is None:
+      pairs = sorted((k, v) for k, v in row["overrides"].items() if k != "seed")
+    else:
+      pairs = [(name, _field(row["config"], name)) for name in by]
+    groups.setdefault(_label(pairs), []).append(row)
+  return groups
+
+
+def _std(values: np.ndarray, axis=0) -> np.ndarray:
+  """Sample standard deviation over runs (0 for a single run)."""
+  n = values.shape[axis]
+  return np.std(values, axis=axis, ddof=1) if n > 1 else np.zeros_like(np.mean(values, axis))
+
+
+def curves(rows: Sequence[dict], metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """``(steps, mean, std)`` of ``metric`` over runs, at the steps every run evaluated it."""
+  series = [{h["step"]: h[metric] for h in r["history"] if h.get(metric) is not None}
+            for r in rows]
+  steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
+  if not steps:
+    return np.zeros(0, int), np.zeros(0), np.zeros(0)
+  values = np.array([[s[t] for t in steps] for s in series], dtype=float)
+  return np.array(steps), values.mean(0), _std(values)
+
+
+def _cell(values: list, fmt: str) -> str:
+  values = np.array([v for v in values if v is not None], dtype=float)
+  if not values.size:
+    return "–"
+  return f"{format(values.mean(), fmt)} ± {format(float(_std(values)), fmt)}"
+
+
+def summary(groups: dict[str, list[dict]]) -> str:
+  """A markdown table: per group, mean ± std over its runs of the final metrics."""
+  headers = ["group", *[h for h, _, _ in _COLUMNS], "seeds"]
+  lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+  for label, rows in groups.items():
+    cells = [_cell([get(r) for r in rows], fmt) for _, get, fmt in _COLUMNS]
+    lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(rows)} |")
+  return "\n".join(lines)
+
+
+def plot(groups: dict[str, list[dict]], path: str,
+         metrics: Sequence[str] = DEFAULT_METRICS) -> str:
+  """One PNG: a panel per metric, a line per group (mean over seeds, shaded ± std)."""
+  fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
+  for ax, metric in zip(axes[0], metrics):
+    log = "consensus" in metric or "disagreement" in metric  # distances: >= 0, many decades
+    for label, rows in groups.items():
+      steps, mean, std = curves(rows, metric)
+      if not len(steps):
+        continue
+      (line,) = ax.plot(steps, mean, label=label)
+      low = np.maximum(mean - std, 0.0) if log else mean - std
+      ax.fill_between(steps, low, mean + std, color=line.get_color(), alpha=0.2, lw=0)
+    ax.set_title(TITLES.get(metric, metric), fontsize=10)
+    ax.set_xlabel("step")
+    if log:
+      ax.set_yscale("symlog", linthresh=1e-6)  # symlog: 0 at step 0 when agents start equal
+    ax.grid(alpha=0.3)
+  axes[0][0].legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def define_flags() -> None:
+  """The command line's flags (defined by the binary only, so importing this module is free)."""
+  flags.DEFINE_multi_string("sweep", [], "Sweep JSONL file(s) from experiments/sweep.py.")
+  flags.DEFINE_string("out", "runs/sweep_plots", "Folder for comparison.png and summary.md.")
+  flags.DEFINE_list("metrics", list(DEFAULT_METRICS), "History metrics to plot.")
+  flags.DEFINE_list("by", None, "Config fields that label a group (default: every swept field "
+                    "but seed).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  f = flags.FLAGS
+  if not f.sweep:
+    raise app.UsageError("give at least one --sweep=path.jsonl")
+  rows = load(f.sweep)
+  if not rows:
+    raise app.UsageError(f"no finished runs (status ok) in {', '.join(f.sweep)}")
+  groups = group(rows, f.by)
+  os.makedirs(f.out, exist_ok=True)
+  table = summary(groups)
+  with open(os.path.join(f.out, "summary.md"), "w") as fh:
+    fh.write(table + "\n")
+  figure = plot(groups, os.path.join(f.out, "comparison.png"), f.metrics)
+  print(table)
+  print(f"\nfigure: {os.path.abspath(figure)}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
