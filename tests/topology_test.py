@@ -327,6 +327,25 @@ class LazyTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "alpha"):
       topology.make("ring", 8).lazy(alpha)
 
+  @parameterized.product(kind=("ring", "torus", "random_matching"), s=(0.1, 0.5, 0.8))
+  def test_self_weight_sets_the_diagonal_and_keeps_columns_stochastic(self, kind, s):
+    topo = topology.make(kind, 16)
+    matched = topology.make(kind, 16, self_weight=s)
+    for t in range(topo.period):
+      a, b = topo.dense(t), matched.dense(t)
+      self.assertTrue(np.all(b >= 0))
+      np.testing.assert_allclose(b.sum(axis=0), 1.0, atol=1e-6)
+      has_nbrs = np.diag(a) < 1.0
+      np.testing.assert_allclose(np.diag(b)[has_nbrs], s, atol=1e-6)
+      np.testing.assert_allclose(np.diag(b)[~has_nbrs], 1.0, atol=1e-6)
+      off = lambda m: m - np.diag(np.diag(m))  # noqa: E731
+      np.testing.assert_array_equal(off(b) > 0, off(a) > 0)  # the same graph
+    self.assertTrue(matched.symmetric)  # regular graphs with symmetric weights stay symmetric
+
+  def test_self_weight_out_of_range(self):
+    with self.assertRaisesRegex(ValueError, r"self_weight=1.0 is outside \(0, 1\)"):
+      topology.make("ring", 8, self_weight=1.0)
+
   def test_new_weights_do_not_recompile(self):
     # The Topology is a pytree argument of compiled steps: new weights of the same shape (a lazy
     # variant, or new weights on the same graph) must reuse the compiled program.
