@@ -76,11 +76,15 @@ def _edge_sq_dists(stacked_tree, names, nbr_idx) -> dict:
   """||psi_k^(p) - psi_l^(p)||^2 for l = nbr_idx[k, j]: dict layer -> ``[K, D]`` (slot 0 = 0)."""
   width = nbr_idx.shape[1]
   out = {}
-  for name, x in zip(names, jax.tree.leaves(stacked_tree)):
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32)).reshape(x.shape[0], -1)
+  for name, leaf in zip(names, jax.tree.leaves(stacked_tree)):
+    dtype = jnp.promote_types(leaf.dtype, jnp.float32)
+    flat = lambda v, dtype=dtype: v.astype(dtype).reshape(v.shape[0], -1)  # noqa: E731
+    x = flat(leaf)
     cols = [jnp.zeros(x.shape[0], x.dtype)]
     for j in range(1, width):
-      cols.append(jnp.sum(jnp.square(x - jnp.take(x, nbr_idx[:, j], axis=0)), axis=1))
+      # Gathers exactly as the combine does (same operand, same indices), so that XLA computes
+      # each neighbour gather once for the distances and the combination.
+      cols.append(jnp.sum(jnp.square(x - flat(jnp.take(leaf, nbr_idx[:, j], axis=0))), axis=1))
     sq = jnp.stack(cols, axis=1)
     out[name] = out[name] + sq if name in out else sq
   return out
