@@ -76,6 +76,10 @@ flags.DEFINE_bool("smoke", False, "Tiny run for CI: mlp, K=2,4, batch 4, 2 steps
 flags.DEFINE_string("data_memory", "mnist", "Dataset whose device footprint for "
                     "--data_memory_k agents is reported ('' skips; 'synthetic' in --smoke).")
 flags.DEFINE_integer("data_memory_k", 64, "K for the data-memory line.")
+flags.DEFINE_list("combine_ks", ["16", "64", "256", "1024"], "K values of the combine-alone "
+                  "comparison, sparse vs dense, on a ring ('' skips).")
+flags.DEFINE_integer("combine_params", 50_000, "Floats per agent in the combine comparison.")
+flags.DEFINE_integer("combine_reps", 5, "Timed calls per combine case (median reported).")
 flags.DEFINE_integer("host_devices", 1, "If > 1, virtual CPU devices to create (for 'shard').")
 
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
@@ -155,6 +159,40 @@ def _compile(jitted, *args):
 
 # --------------------------------------------------------------------------------------------
 # The cases.
+
+
+def combine_case(k_count: int, params: int, topology_name: str, reps: int) -> dict:
+  """The combine alone: sparse neighbour-list path vs the dense ``[K, K]`` matmul, one leaf of
+  ``params`` floats per agent (median of ``reps`` timed calls after one untimed)."""
+  from drt_jax import topology as topology_lib  # noqa: PLC0415
+
+  topo = topology_lib.make(topology_name, k_count)
+  x = jax.random.normal(jax.random.key(0), (k_count, params), jnp.float32)
+  a = jnp.asarray(topo.dense())
+  paths = {"sparse": jax.jit(combine_lib.combine),
+           "dense": jax.jit(combine_lib.combine_dense)}
+  args = {"sparse": topo, "dense": a}
+  out = {"K": k_count, "params_per_agent": params, "topology": topology_name,
+         "edges": topo.num_edges()}
+  for name, fn in paths.items():
+    jax.block_until_ready(fn(x, args[name]))
+    times = []
+    for _ in range(reps):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(x, args[name]))
+      times.append(time.perf_counter() - start)
+    out[f"{name}_ms"] = 1e3 * statistics.median(times)
+  out["dense_over_sparse"] = out["dense_ms"] / out["sparse_ms"]
+  return out
+
+
+def _combine_table(rows: list) -> str:
+  lines = ["| topology | K | edges | params/agent | sparse ms | dense ms | dense / sparse |",
+           "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['topology']} | {r['K']} | {r['edges']} | {r['params_per_agent']:,} | "
+                 f"{r['sparse_ms']:.2f} | {r['dense_ms']:.2f} | {r['dense_over_sparse']:.1f} |")
+  return "\n".join(lines)
 
 
 def _device_data(d: data_lib.Data, k_count: int) -> train.DeviceData:
@@ -372,9 +410,12 @@ class _Sink:
 def _settings() -> dict:
   s = {"models": FLAGS.models, "ks": [int(k) for k in FLAGS.ks], "batch": FLAGS.batch,
        "steps": FLAGS.steps, "warmup": FLAGS.warmup, "data_memory": FLAGS.data_memory,
-       "data_memory_k": FLAGS.data_memory_k}
+       "data_memory_k": FLAGS.data_memory_k,
+       "combine_ks": [int(k) for k in FLAGS.combine_ks], "combine_params": FLAGS.combine_params,
+       "combine_reps": FLAGS.combine_reps}
   if FLAGS.smoke:
-    s.update(models=["mlp"], ks=[2, 4], batch=4, steps=2, warmup=1,
+    s.update(models=["mlp"], ks=[2, 4], batch=4, steps=2, warmup=1, combine_ks=[8, 16],
+             combine_params=256, combine_reps=2,
              data_memory=FLAGS.data_memory and "synthetic")
   if s["steps"] < 1 or s["warmup"] < 0 or s["batch"] < 1 or min(s["ks"]) < 1:
     raise app.UsageError("--steps, --batch and --ks must be >= 1 and --warmup >= 0")
@@ -483,6 +524,12 @@ def main(argv):
       comparisons += [comparison] if comparison else []
 
   table = _table(machine, rows, comparisons)
+  combine_rows = []
+  for k_count in s["combine_ks"]:
+    combine_rows.append(combine_case(k_count, s["combine_params"], "ring", s["combine_reps"]))
+    sink.write({"combine": combine_rows[-1]})
+  if combine_rows:
+    table += "\nThe combine alone (ring):\n\n" + _combine_table(combine_rows) + "\n"
   memory = None
   if s["data_memory"]:
     memory = data_memory(s["data_memory"], s["data_memory_k"])
@@ -494,7 +541,8 @@ def main(argv):
       "compare": FLAGS.compare, "topology": FLAGS.topology, "host_devices": FLAGS.host_devices,
       "prune_below": FLAGS.prune_below,
       "case_budget_s": FLAGS.case_budget_s, "argv": sys.argv},
-      "rows": rows, "comparisons": comparisons, "data_memory": memory, "table": table}
+      "rows": rows, "comparisons": comparisons, "combine": combine_rows, "data_memory": memory,
+      "table": table}
   with open(FLAGS.out, "w") as f:
     json.dump(result, f, indent=2)
   logging.info("wrote %s and %s", FLAGS.out, sink.path)

@@ -58,6 +58,12 @@ class BenchmarkSmokeTest(absltest.TestCase):
     self.assertLessEqual(memory["device_bytes"], 2 * images + 2**20)
     self.assertEqual(memory["k_copies_bytes"] // 64, images + memory["bytes_by_field"]["labels"])
     self.assertIn("data on device, synthetic", result["table"])
+    # The combine alone: both paths timed per K, and the ratio is theirs.
+    self.assertEqual([r["K"] for r in result["combine"]], [8, 16])
+    for r in result["combine"]:
+      self.assertGreater(r["sparse_ms"], 0)
+      self.assertAlmostEqual(r["dense_over_sparse"], r["dense_ms"] / r["sparse_ms"])
+    self.assertIn("The combine alone (ring)", result["table"])
 
 
 if __name__ == "__main__":
