@@ -38,7 +38,7 @@ _DATASET = flags.DEFINE_enum("dataset", "fashion_mnist", ["fashion_mnist", "mnis
 _SMOKE = flags.DEFINE_bool("smoke", False, "A tiny version of every stage (seconds).")
 _HOST_DEVICES = flags.DEFINE_integer("host_devices", 8, "Virtual CPU devices ('shard').")
 
-TUNE_LEARNING_RATES = (0.003, 0.01, 0.03)
+TUNE_LEARNING_RATES = (0.003, 0.01, 0.03, 0.1)
 TUNE_STRENGTHS = (0.5, 1.0, 2.0)
 TUNE_STEPS = 315  # 3 local epochs
 SEEDS = (0, 1, 2)
