@@ -198,10 +198,8 @@ def plot_histogram(hist, path, title: str | None = None):
   The legend lists the classes when there are at most 20 of them (beyond that colours come from a
   continuous map and a colour bar stands in for the legend).
   """
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib  # noqa: PLC0415 -- plotting is optional, loaded on use
+  from matplotlib.figure import Figure  # noqa: PLC0415
 
   hist = np.asarray(hist)
   if hist.ndim != 2:
@@ -209,12 +207,13 @@ def plot_histogram(hist, path, title: str | None = None):
                      "build it with label_histogram(parts, labels, num_classes)")
   k_count, num_classes = hist.shape
   if num_classes <= 10:
-    colours = plt.get_cmap("tab10").colors[:num_classes]
+    colours = matplotlib.colormaps["tab10"].colors[:num_classes]
   elif num_classes <= 20:
-    colours = plt.get_cmap("tab20").colors[:num_classes]
+    colours = matplotlib.colormaps["tab20"].colors[:num_classes]
   else:
-    colours = plt.get_cmap("viridis")(np.linspace(0, 1, num_classes))
-  fig, ax = plt.subplots(figsize=(min(12.0, 4.0 + 0.12 * k_count), 3.6))
+    colours = matplotlib.colormaps["viridis"](np.linspace(0, 1, num_classes))
+  fig = Figure(figsize=(min(12.0, 4.0 + 0.12 * k_count), 3.6))
+  ax = fig.subplots()
   x = np.arange(k_count)
   bottom = np.zeros(k_count)
   width = 0.8 if k_count <= 64 else 1.0
@@ -230,12 +229,11 @@ def plot_histogram(hist, path, title: str | None = None):
     ax.legend(title="class", fontsize=7, title_fontsize=8, ncols=1 if num_classes <= 10 else 2,
               loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
   else:
-    mappable = plt.cm.ScalarMappable(cmap="viridis",
-                                     norm=plt.Normalize(0, num_classes - 1))
+    mappable = matplotlib.cm.ScalarMappable(cmap="viridis",
+                                            norm=matplotlib.colors.Normalize(0, num_classes - 1))
     fig.colorbar(mappable, ax=ax, label="class")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
   return path
 
 

@@ -1,9 +1,10 @@
-"""Figures of training histories (matplotlib, headless)."""
+"""Figures of training histories, written to PNG files.
 
-import matplotlib
+Figures are built with matplotlib's object API (``matplotlib.figure.Figure``), not pyplot, so
+they need no display and leave the caller's matplotlib backend (e.g. a notebook's) untouched.
+"""
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 DEFAULT_METRICS = (
     ("test_acc_mean", "mean test accuracy"),
@@ -15,7 +16,8 @@ DEFAULT_METRICS = (
 
 def plot_histories(histories: dict, path: str, metrics=DEFAULT_METRICS) -> str:
   """One panel per metric, one line per run; ``histories`` maps a label to a history list."""
-  fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4))
+  fig = Figure(figsize=(4.2 * len(metrics), 3.4))
+  axes = fig.subplots(1, len(metrics), squeeze=False)[0]
   for ax, (key, title) in zip(axes, metrics):
     for label, history in histories.items():
       rows = [r for r in history if r.get(key) is not None]
@@ -28,7 +30,6 @@ def plot_histories(histories: dict, path: str, metrics=DEFAULT_METRICS) -> str:
   axes[0].legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
 
 
@@ -37,7 +38,8 @@ def plot_self_weights(history: list, path: str, title: str | None = None) -> str
   layers = sorted({k.split("/", 1)[1] for r in history for k in r if k.startswith("self_weight/")})
   if not layers:
     return None
-  fig, ax = plt.subplots(figsize=(5.6, 3.6))
+  fig = Figure(figsize=(5.6, 3.6))
+  ax = fig.subplots()
   for layer in layers:
     rows = [r for r in history if r.get(f"self_weight/{layer}") is not None]
     ax.plot([r["step"] for r in rows], [r[f"self_weight/{layer}"] for r in rows], label=layer)
@@ -48,5 +50,4 @@ def plot_self_weights(history: list, path: str, title: str | None = None) -> str
   ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path

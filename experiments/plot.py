@@ -17,12 +17,9 @@ import json
 import os
 from collections.abc import Sequence
 
-import matplotlib
 import numpy as np
 from absl import app, flags
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 DEFAULT_METRICS = ("test_acc_mean", "gen_gap", "consensus_distance", "output_disagreement")
 TITLES = {
@@ -122,7 +119,8 @@ def summary(groups: dict[str, list[dict]]) -> str:
 def plot(groups: dict[str, list[dict]], path: str,
          metrics: Sequence[str] = DEFAULT_METRICS) -> str:
   """One PNG: a panel per metric, a line per group (mean over seeds, shaded ± std)."""
-  fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
+  fig = Figure(figsize=(4 * len(metrics), 3.2))
+  axes = fig.subplots(1, len(metrics), squeeze=False)
   for ax, metric in zip(axes[0], metrics):
     log = "consensus" in metric or "disagreement" in metric  # distances: >= 0, many decades
     for label, rows in groups.items():
@@ -141,7 +139,6 @@ def plot(groups: dict[str, list[dict]], path: str,
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=100)
-  plt.close(fig)
   return path
 
 
