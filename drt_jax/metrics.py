@@ -52,9 +52,11 @@ def bytes_per_agent_step(topology: Topology, params_bytes: int, comm_every: int,
 
 
 def tree_bytes(tree, stacked: bool = True) -> int:
+  """Bytes of one agent's copy of ``tree`` (``stacked``: leaves carry the agent axis K)."""
   leaves = jax.tree.leaves(tree)
   return int(sum((x.size // (x.shape[0] if stacked else 1)) * x.dtype.itemsize for x in leaves))
 
 
 def layer_names(params) -> list[str]:
+  """The layer (flax module path) of each leaf of ``params``, as the metrics group them."""
   return combine_lib.layer_names(params, "module")

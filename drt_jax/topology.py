@@ -68,10 +68,12 @@ class Topology:
 
   @property
   def num_agents(self) -> int:
+    """K, the number of agents."""
     return self.nbr_idx.shape[-2]
 
   @property
   def period(self) -> int:
+    """T, the number of matrices a schedule cycles through (1 for a static graph)."""
     return self.nbr_idx.shape[0]
 
   @property
@@ -81,6 +83,7 @@ class Topology:
 
   @property
   def time_varying(self) -> bool:
+    """Whether the matrix changes with the step (``period > 1``)."""
     return self.period > 1
 
   def mixing(self, step=0) -> Mixing:
@@ -99,6 +102,7 @@ class Topology:
 
   @property
   def symmetric(self) -> bool:
+    """Whether every matrix of the period equals its transpose (then rows sum to one too)."""
     return all(np.allclose(a, a.T, atol=_ATOL) for a in self.dense_schedule())
 
   def num_edges(self, step: int = 0) -> int:
@@ -120,6 +124,7 @@ class Topology:
     return second ** (1.0 / self.period)
 
   def spectral_gap(self) -> float:
+    """``1 - slem()``: larger means faster mixing."""
     return 1.0 - self.slem()
 
   def lazy(self, alpha: float) -> "Topology":
@@ -216,6 +221,8 @@ def _strongly_connected(adj: np.ndarray) -> bool:
 
 
 def check_connected(mats: np.ndarray, what: str) -> None:
+  """Raises ValueError unless the union of the graphs of ``mats`` ``[T, K, K]`` is strongly
+  connected (information from every agent reaches every other within one period)."""
   adj = (np.abs(np.asarray(mats)) > 0).any(axis=0)
   if not _strongly_connected(adj):
     raise ValueError(f"{what} is disconnected (over one period): some agents can never hear from "
