@@ -5,9 +5,12 @@ its state kept local) and returns an :class:`Algorithm` of pure functions over s
 
 * ``init(params, topology=None) -> state``: pass the topology where the state is used under jit,
   so that its shapes (DRT keeps the last ``[K, D]`` weights per layer) are fixed from the start
-* ``step(params, grads, state, topology) -> (params, state)``: one iteration for all K agents,
-  with ``grads`` evaluated at ``grad_point(params, state, topology)`` (identity unless an algorithm
-  says otherwise, as CTA does); the trainer honours the hook.
+* ``step(params, grads, state, topology, active=None) -> (params, state)``: one iteration for all
+  K agents, with ``grads`` evaluated at ``grad_point(params, state, topology)`` (identity unless an
+  algorithm says otherwise, as CTA does); the trainer honours the hook. ``active`` (bool ``[K]``,
+  default all) names the agents that take their local step: the others keep their parameters and
+  optimizer state through the adapt part and only combine (stragglers and dropped agents of
+  :mod:`drt_jax.faults`).
 * ``combine_stats(stats, state, topology) -> stats``: combines non-trained per-agent state
   (BatchNorm statistics) with the matrices the last step used; the trainer calls it when
   statistics are shared.
@@ -68,9 +71,21 @@ class DRTState(NamedTuple):
   layer_w: dict  # layer -> [K, D] weights of the last combine (for statistics and metrics)
 
 
-def _local_update(opt: optax.GradientTransformation, grads, opt_state, params):
-  updates, opt_state = jax.vmap(opt.update)(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state
+def _select(active, new, old):
+  """Per agent, ``new`` where ``active[k]`` else ``old``; ``new`` itself when ``active`` is None."""
+  if active is None:
+    return new
+
+  def one(n, o):
+    return jnp.where(active.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+
+  return jax.tree.map(one, new, old)
+
+
+def _local_update(opt: optax.GradientTransformation, grads, opt_state, params, active=None):
+  updates, new_opt_state = jax.vmap(opt.update)(grads, opt_state, params)
+  new = optax.apply_updates(params, updates)
+  return _select(active, new, params), _select(active, new_opt_state, opt_state)
 
 
 def _communicates(count, comm_every: int):
@@ -104,18 +119,20 @@ def _base(kind: str, opt: optax.GradientTransformation, comm_every: int) -> Algo
   def grad_point(params, state, topology):
     return mix(params, state, topology)
 
-  def step(params, grads, state, topology):
+  def step(params, grads, state, topology, active=None):
     if kind == "atc":
-      psi, opt_state = _local_update(opt, grads, state.opt_state, params)
+      psi, opt_state = _local_update(opt, grads, state.opt_state, params, active)
       new = mix(psi, state, topology)
     elif kind == "cta":
       phi = mix(params, state, topology)
-      new, opt_state = _local_update(opt, grads, state.opt_state, phi)
+      new, opt_state = _local_update(opt, grads, state.opt_state, phi, active)
     elif kind == "dsgd":
       updates, opt_state = jax.vmap(opt.update)(grads, state.opt_state, params)
-      new = optax.apply_updates(mix(params, state, topology), updates)
+      mixed = mix(params, state, topology)
+      new = _select(active, optax.apply_updates(mixed, updates), mixed)
+      opt_state = _select(active, opt_state, state.opt_state)
     else:  # local
-      new, opt_state = _local_update(opt, grads, state.opt_state, params)
+      new, opt_state = _local_update(opt, grads, state.opt_state, params, active)
     return new, DiffusionState(opt_state, state.count + 1)
 
   def combine_stats(stats, state, topology):
@@ -207,8 +224,8 @@ def drt_diffusion(local_optimizer: optax.GradientTransformation, *, variant: str
       sq = state.init_sq_norms
     return {p: state.strength * v for p, v in sq.items()}
 
-  def step(params, grads, state, topology):
-    psi, opt_state = _local_update(local_optimizer, grads, state.opt_state, params)
+  def step(params, grads, state, topology, active=None):
+    psi, opt_state = _local_update(local_optimizer, grads, state.opt_state, params, active)
     names = combine_lib.layer_names(psi, granularity)
     m = combine_lib.as_mixing(topology, state.count)
 

@@ -3,6 +3,11 @@
 ``default_config()`` returns an ``ml_collections.ConfigDict``; ``resolve(config)`` merges a user's
 ConfigDict or plain dict onto it, refuses unknown fields and checks every value, raising one
 ``ValueError`` line that names the field, the value and what is accepted.
+
+Security: config *files* (``experiments/configs/*.py``, ``--config=<file>``) are Python modules
+that ``ml_collections`` imports, so loading one executes its code with the caller's rights. Load
+config files only from sources you trust; a run's ``config.json`` (what a workdir keeps, and what
+``resolve`` takes as a plain dict) is data and runs nothing.
 """
 
 from collections.abc import Mapping
@@ -68,6 +73,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.backend = "auto"  # one of backends.BACKENDS
   c.chunk_size = 0  # agents per group for backend 'chunked'
   c.log_every = 0  # progress lines every N steps (0 = at evaluations only)
+  # Reliability (see drt_jax.checkpoint and drt_jax.faults).
+  c.checkpoint_every = 0  # save the whole state to <workdir>/checkpoints every N steps (0 = off)
+  c.keep_checkpoints = 2  # how many of the latest checkpoints stay on disk
+  c.faults = ml_collections.ConfigDict()  # simulated faults inside the compiled step, per step:
+  c.faults.agent_dropout = 0.0  # probability an agent drops out (neither trains nor communicates)
+  c.faults.link_failure = 0.0  # probability an undirected link fails (both directions)
+  c.faults.straggler = 0.0  # probability an agent skips its local step (still communicates)
+  c.faults.seed = 0  # seeds the fault patterns (a pure function of this seed and the step)
   return c
 
 
@@ -114,9 +127,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if not isinstance(c[field], int) or c[field] < 1:
       _fail(field, c[field], "an integer >= 1")
   for field in ("num_steps", "eval_every", "eval_examples", "train_eval_examples", "chunk_size",
-                "log_every"):
+                "log_every", "checkpoint_every"):
     if not isinstance(c[field], int) or c[field] < 0:
       _fail(field, c[field], "an integer >= 0")
+  if not isinstance(c.keep_checkpoints, int) or c.keep_checkpoints < 1:
+    _fail("keep_checkpoints", c.keep_checkpoints, "an integer >= 1")
+  for field in ("agent_dropout", "link_failure", "straggler"):
+    p = c.faults[field]
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+      _fail(f"faults.{field}", p, "a probability in [0, 1]")
+  if not isinstance(c.faults.seed, int) or isinstance(c.faults.seed, bool) or c.faults.seed < 0:
+    _fail("faults.seed", c.faults.seed, "an integer >= 0")
   if not c.learning_rate > 0:
     _fail("learning_rate", c.learning_rate, "a number > 0")
   if not 0.0 <= c.momentum < 1.0:

@@ -222,7 +222,15 @@ def augment(kind: str, key, images):
 
 
 def normalisation(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Per-channel mean and std (in the images' own scale) of a training set."""
+  """Per-channel mean and std (in the images' own scale) of a training set.
+
+  Non-finite pixels of float images are left out: a corrupt example then shows up as the
+  divergence of the agent holding it (the trainer names it) instead of NaN statistics for all.
+  """
   flat = images.reshape(-1, images.shape[-1]).astype(np.float64)
-  return flat.mean(axis=0).astype(np.float32), np.maximum(flat.std(axis=0), 1e-6).astype(
+  mean, std = np.mean, np.std
+  if np.issubdtype(images.dtype, np.floating) and not np.all(np.isfinite(flat)):
+    flat = np.where(np.isfinite(flat), flat, np.nan)
+    mean, std = np.nanmean, np.nanstd
+  return mean(flat, axis=0).astype(np.float32), np.maximum(std(flat, axis=0), 1e-6).astype(
       np.float32)

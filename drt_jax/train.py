@@ -6,12 +6,22 @@ One train step, jitted once with the state donated:
   2. per-agent loss and gradients at ``grad_point`` (the params, or CTA's combined point), run
      over the agent axis by the configured back-end (:mod:`drt_jax.backends`);
   3. the algorithm's step: local optimizer update and combination (:mod:`drt_jax.algorithms`);
-  4. BatchNorm statistics combined too when ``config.combine_batch_stats``.
+  4. BatchNorm statistics combined too when ``config.combine_batch_stats``;
+  5. per-agent finiteness of the new parameters and statistics, a ``[K]`` bool in the metrics.
+
+With ``config.faults`` probabilities above 0, a seeded fault pattern (agent drop-out, link
+failures, stragglers; :mod:`drt_jax.faults`) masks the step's combination weights and local steps;
+with all of them 0 the program holds no fault code at all.
 
 The topology and the data are arguments of the compiled step, so new weights, a time-varying
 schedule or another dataset of the same shapes never recompile; learning rate and DRT strength
 live in the state, so sweeping them does not recompile either (compiled steps are cached per
 static configuration within a process).
+
+``train_and_evaluate`` checks the metrics for NaN/Inf whenever it pulls them from the device (at
+evaluations, log lines and checkpoints) and stops with a one-line ``FloatingPointError`` naming the
+first bad step and its agents; with ``config.checkpoint_every`` it saves and resumes the whole
+state (:mod:`drt_jax.checkpoint`).
 """
 
 import dataclasses
@@ -28,7 +38,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from drt_jax import algorithms, backends, datasets, models, partition
+from drt_jax import algorithms, backends, datasets, faults, models, partition
+from drt_jax import checkpoint as checkpoint_lib
 from drt_jax import combine as combine_lib
 from drt_jax import config as config_lib
 from drt_jax import data as data_lib
@@ -111,6 +122,14 @@ def make_model(c: ml_collections.ConfigDict, data: data_lib.Data) -> models.Mode
                      **dict(c.model_options))
 
 
+def agents_finite(stacked_tree) -> jax.Array:
+  """bool ``[K]``: whether every entry of agent k's slice of every leaf is finite."""
+  leaves = jax.tree.leaves(stacked_tree)
+  flags = [jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1) for x in leaves
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return functools.reduce(jnp.logical_and, flags)
+
+
 def _normalise(x, mean, std):
   return (x.astype(jnp.float32) - mean) / std
 
@@ -165,18 +184,31 @@ def build_programs(c: ml_collections.ConfigDict, model: models.Model,
     return loss, acc, new_state, grads
 
   lifted_grads = lift(agent_grads)
+  fault_spec = faults.spec_from_config(c)
 
   def train_step(state: TrainState, topology, d: DeviceData):
     x, y = draw_batch(state.key, state.step, d, batch, augmentation)
+    fault_metrics, step_kw, f = {}, {}, None
+    if fault_spec is not None:  # a Python branch: no fault code in a fault-free program
+      base = combine_lib.as_mixing(topology, state.alg_state.count)
+      f = faults.sample(jax.random.key(fault_spec.seed), state.step, base, fault_spec)
+      topology, step_kw = f.mixing, {"active": f.active}
+      fault_metrics = faults.counts(f, base)
     point = state.params
     if alg.grad_point is not None:
       point = alg.grad_point(state.params, state.alg_state, topology)
     loss, acc, model_state, grads = lifted_grads(point, state.model_state, x, y)
-    params, alg_state = alg.step(state.params, grads, state.alg_state, topology)
+    params, alg_state = alg.step(state.params, grads, state.alg_state, topology, **step_kw)
+    if f is not None:  # agents without a local step keep their statistics too
+      model_state = faults.select(f.active, model_state, state.model_state)
     if c.combine_batch_stats and jax.tree.leaves(model_state):
       model_state = alg.combine_stats(model_state, alg_state, topology)
+    if f is not None:  # a dropped agent's column is the identity; this makes it exact
+      params = faults.select(f.alive, params, state.params)
+      model_state = faults.select(f.alive, model_state, state.model_state)
     new = TrainState(params, model_state, alg_state, state.step + 1, state.key)
-    return new, {"loss": loss, "acc": acc}
+    return new, {"loss": loss, "acc": acc, "finite": agents_finite((params, model_state)),
+                 **fault_metrics}
 
   def agent_logits(params, model_state, x):
     return model.apply({"params": params, **model_state}, x, False)[0]
@@ -251,8 +283,11 @@ def _static_key(c: ml_collections.ConfigDict, model_obj) -> str:
                  "log_every", "lazy", "self_weight", "topology", "topology_options",
                  "topology_weights", "same_init", "eval_examples", "train_eval_examples",
                  "data_dir", "download", "data_source", "validation_fraction", "partition",
-                 "dirichlet_alpha", "classes_per_agent", "min_per_agent"):
+                 "dirichlet_alpha", "classes_per_agent", "min_per_agent", "checkpoint_every",
+                 "keep_checkpoints"):
     d.pop(traced, None)
+  if faults.spec_from_config(c) is None:
+    d.pop("faults")  # absent from the program
   d["drt"].pop("strength", None)
   d["augment"] = data_lib.augmentation_for(d["augment"], d.pop("dataset"))
   d["model_id"] = id(model_obj) if model_obj is not None else None
@@ -363,14 +398,16 @@ def init_state(c, model: models.Model, alg: algorithms.Algorithm, topology) -> T
                     k_sample)
 
 
-def check_workdir(workdir, c: ml_collections.ConfigDict, overwrite: bool = False) -> None:
+def check_workdir(workdir, c: ml_collections.ConfigDict, overwrite: bool = False) -> bool:
   """Refuses a workdir that holds a run of a different config, unless ``overwrite``.
 
-  A workdir with the same config (a rerun) is accepted; its files are replaced.
+  A workdir with the same config (a rerun) is accepted: it resumes from its latest checkpoint if
+  it has one (:mod:`drt_jax.checkpoint`), else its files are replaced. Returns whether the workdir
+  holds a run of the same config (False with ``overwrite``, which starts afresh).
   """
   path = os.path.join(workdir, "config.json") if workdir else None
   if overwrite or not path or not os.path.exists(path):
-    return
+    return False
   with open(path) as f:
     try:
       old = json.load(f)
@@ -385,7 +422,7 @@ def check_workdir(workdir, c: ml_collections.ConfigDict, overwrite: bool = False
     raise ValueError(f"workdir {workdir} holds a run of a different config ({field}: {was!r} "
                      f"there, {now!r} now); use another workdir or overwrite (overwrite=True, "
                      "--overwrite)")
-  logging.warning("workdir %s holds a run of the same config; replacing it", workdir)
+  return True
 
 
 def _flatten(d, prefix=""):
@@ -398,10 +435,36 @@ def _flatten(d, prefix=""):
   return out
 
 
-class _Writer:
-  """metrics.jsonl and config.json in the workdir (nothing is written without one)."""
+def read_metrics(workdir, up_to: int | None = None) -> list[dict]:
+  """The rows of ``<workdir>/metrics.jsonl`` in step order, one per step (the first kept).
 
-  def __init__(self, workdir, c, prepared: Prepared | None = None):
+  Rows after ``up_to`` and a torn last line (a run killed while writing) are left out.
+  """
+  path = os.path.join(workdir, "metrics.jsonl")
+  rows, seen = [], set()
+  if not os.path.exists(path):
+    return rows
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      step = row.get("step") if isinstance(row, dict) else None
+      if not isinstance(step, int) or step in seen or (up_to is not None and step > up_to):
+        continue
+      seen.add(step)
+      rows.append(row)
+  return sorted(rows, key=lambda r: r["step"])
+
+
+class _Writer:
+  """metrics.jsonl and config.json in the workdir (nothing is written without one).
+
+  ``rows`` (a resumed run's rows up to its checkpoint) replace the file's contents, atomically.
+  """
+
+  def __init__(self, workdir, c, prepared: Prepared | None = None, rows: list | None = None):
     self.path = None
     if workdir:
       os.makedirs(workdir, exist_ok=True)
@@ -415,7 +478,10 @@ class _Writer:
                                  f"{prepared.data.name}: {c.partition} partition over "
                                  f"K={c.num_agents} agents")
       self.path = os.path.join(workdir, "metrics.jsonl")
-      open(self.path, "w").close()
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows or ())
+      os.replace(tmp, self.path)
 
   def write(self, row):
     if self.path:
@@ -429,11 +495,35 @@ def _megabytes(n: int) -> str:
   return f"{n / 2**20:.1f} MiB"
 
 
-def _check_finite(loss_K: np.ndarray, step: int):
-  bad = np.flatnonzero(~np.isfinite(loss_K))
-  if bad.size:
-    raise FloatingPointError(f"non-finite training loss at step {step} on agents "
-                             f"{bad.tolist()}; lower learning_rate or check the data")
+def check_finite(step_metrics: list[dict], first_step: int) -> None:
+  """Raises FloatingPointError at the first step whose loss or parameters are not finite.
+
+  ``step_metrics`` are the host copies of consecutive steps' metrics, the first of step
+  ``first_step``; the message is one line naming the step and the agents.
+  """
+  for i, m in enumerate(step_metrics):
+    bad_loss = np.flatnonzero(~np.isfinite(np.asarray(m["loss"])))
+    bad_params = np.flatnonzero(~np.asarray(m["finite"], bool))
+    if bad_loss.size or bad_params.size:
+      what = []
+      if bad_loss.size:
+        what.append(f"training loss on agents {bad_loss.tolist()}")
+      if bad_params.size:
+        what.append(f"parameters on agents {bad_params.tolist()}")
+      raise FloatingPointError(f"non-finite {' and '.join(what)} at step {first_step + i}; "
+                               "lower learning_rate or check the data")
+
+
+_HOST_METRICS = ("loss", "acc", "dropped_agents", "failed_links", "stragglers")
+
+
+def _buffer_to_json(buf: dict) -> dict:
+  return {k: {"dtype": str(np.asarray(v[0]).dtype), "values": [np.asarray(x).tolist() for x in v]}
+          for k, v in buf.items() if v}
+
+
+def _buffer_from_json(record: dict) -> dict:
+  return {k: [np.asarray(x, v["dtype"]) for x in v["values"]] for k, v in record.items()}
 
 
 def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
@@ -442,13 +532,21 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
 
   Args:
     config: a ConfigDict or dict overriding :func:`drt_jax.config.default_config`.
-    workdir: if given, ``config.json`` and ``metrics.jsonl`` are written there.
+    workdir: if given, ``config.json`` and ``metrics.jsonl`` are written there, and checkpoints
+      into ``checkpoints/`` every ``config.checkpoint_every`` steps. A workdir holding a checkpoint
+      of the same config resumes from its latest checkpoint (the history then includes the rows
+      written before it); see :mod:`drt_jax.checkpoint`.
     data: in-memory data (:class:`drt_jax.data.Data` or a mapping with its fields: train/test
       images and labels and, optionally, ``agent_indices``, one index array per agent). Without it
       ``config.dataset`` is loaded.
     model: a :class:`drt_jax.models.Model` (e.g. ``models.from_flax(module, shape, classes)``)
       instead of ``config.model``.
-    overwrite: replace a run of a different config in ``workdir`` (otherwise refused).
+    overwrite: replace a run of a different config in ``workdir`` (otherwise refused); starts
+      afresh and deletes the old checkpoints.
+
+  Raises:
+    FloatingPointError: a training loss or an agent's parameters became NaN or Inf (one line
+      naming the first such step and the agents); no checkpoint of that state is written.
 
   Example::
 
@@ -456,7 +554,7 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
     history[-1]["test_acc_mean"]
   """
   c = config_lib.resolve(config)
-  check_workdir(workdir, c, overwrite)
+  same_run = check_workdir(workdir, c, overwrite)
   d = data_lib.as_data(data) if data is not None else load_data(c)
   prepared = prepare_data(c, d)
   d = prepared.data
@@ -486,7 +584,26 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
   eval_sets = place(eval_sets)
   bytes_sent = metrics_lib.bytes_per_agent_step(topo, metrics_lib.tree_bytes(state.params),
                                                 c.comm_every, c.algorithm != "local")
-  writer = _Writer(workdir, c, prepared)
+
+  resume_step = checkpoint_lib.latest_step(workdir) if same_run else None
+  if workdir and resume_step is None:
+    checkpoint_lib.delete(workdir)  # a fresh start keeps no checkpoint of another run
+  ckpt = None
+  if workdir and (c.checkpoint_every or resume_step is not None):
+    ckpt = checkpoint_lib.Checkpoints(workdir, c.keep_checkpoints)
+  rows, host = [], {}
+  if resume_step is not None:
+    state, host = ckpt.restore(state, resume_step)
+    if int(state.step) != resume_step:
+      raise ValueError(f"checkpoint {resume_step} in {ckpt.path} holds step {int(state.step)}; "
+                       "remove the checkpoints folder or use overwrite")
+    rows = read_metrics(workdir, up_to=resume_step)
+    logging.info("workdir %s: resuming from the checkpoint of step %d (%d metric rows kept)",
+                 workdir, resume_step, len(rows))
+  elif same_run:
+    logging.warning("workdir %s holds a run of the same config without a checkpoint; replacing "
+                    "it", workdir)
+  writer = _Writer(workdir, c, prepared, rows)
   logging.info("data %s: %d training examples over %d agents (%s partition, %d-%d each), "
                "%s on device", d.name, len(d.train_labels), c.num_agents, c.partition,
                counts.min(), counts.max(), _megabytes(device_bytes(dev)))
@@ -495,12 +612,31 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
   logging.info("topology %s (slem %.4f); algorithm %s; K=%d", topo, topo.slem(), c.algorithm,
                c.num_agents)
 
-  history, losses, accs = [], [], []
-  start = last_time = time.perf_counter()
-  last_step = 0
+  first = resume_step or 0
+  history = list(rows)
+  # Per-step metrics since the last evaluation: pulled from the device at evaluations, log lines
+  # and checkpoints (never every step), checked for NaN/Inf, then kept on the host.
+  buf = _buffer_from_json(host.get("metrics", {}))
+  pending, pending_from = [], first + 1
+  start = last_time = time.perf_counter() - float(host.get("wall_time", 0.0))
+  last_step = first
+
+  def pull():
+    nonlocal pending, pending_from
+    got = jax.device_get(pending)
+    check_finite(got, pending_from)
+    for m in got:
+      for k in _HOST_METRICS:
+        if k in m:
+          buf.setdefault(k, []).append(np.asarray(m[k]))
+    pending_from += len(pending)
+    pending = []
+
+  def mean_of(name):
+    return float(np.mean(buf[name])) if buf.get(name) else None
 
   def evaluate(step):
-    nonlocal last_time, last_step, losses, accs
+    nonlocal last_time, last_step, buf
     sums = {name: jax.device_get(progs.evaluate(state.params, state.model_state, ev, dev.mean,
                                                 dev.std)) for name, ev in eval_sets.items()}
     pm = jax.device_get(progs.param_metrics(state.params, state.model_state, state.alg_state,
@@ -512,8 +648,8 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
     row = {
         "step": step,
         "epoch": step * c.batch_size / float(np.mean(counts)),
-        "train_loss": float(np.mean(losses)) if losses else None,
-        "train_batch_acc": float(np.mean(accs)) if accs else None,
+        "train_loss": mean_of("loss"),
+        "train_batch_acc": mean_of("acc"),
         "test_acc_mean": float(np.mean(test_acc)),
         "test_acc_min": float(np.min(test_acc)),
         "test_acc_max": float(np.max(test_acc)),
@@ -527,12 +663,14 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
             "val_loss_mean": float(np.mean(sums["val"]["loss"]) / sizes["val"]),
             "centroid_val_acc": float(sums["val"]["centroid_correct"] / sizes["val"])}
            if "val" in sums else {}),
+        **({k: mean_of(k) for k in ("dropped_agents", "failed_links", "stragglers")}
+           if faults.spec_from_config(c) is not None else {}),
         "bytes_per_agent_step": bytes_sent,
         "steps_per_sec": (step - last_step) / max(now - last_time, 1e-9),
         "wall_time": now - start,
         **{k: float(v) for k, v in pm.items()},
     }
-    last_time, last_step, losses, accs = now, step, [], []
+    last_time, last_step, buf = now, step, {}
     history.append(row)
     writer.write(row)
     eta = f"{(c.num_steps - step) / max(row['steps_per_sec'], 1e-9):.0f}s" if step else "-"
@@ -542,16 +680,29 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
                  row["consensus_distance"], row["output_disagreement"], row["steps_per_sec"],
                  eta)
 
-  evaluate(0)
-  for step in range(1, c.num_steps + 1):
-    state, m = progs.train_step(state, topo, dev)
-    losses.append(m["loss"])
-    accs.append(m["acc"])
-    if c.log_every and step % c.log_every == 0:
-      logging.info("step %d/%d | train loss %.4f", step, c.num_steps, float(jnp.mean(m["loss"])))
-    if step == c.num_steps or (c.eval_every and step % c.eval_every == 0):
-      losses = [np.asarray(x) for x in jax.device_get(losses)]
-      accs = [np.asarray(x) for x in jax.device_get(accs)]
-      _check_finite(losses[-1], step)
-      evaluate(step)
+  def is_eval(step):
+    return step in (0, c.num_steps) or bool(c.eval_every and step % c.eval_every == 0)
+
+  try:
+    if is_eval(first) and not any(r["step"] == first for r in history):
+      evaluate(first)  # step 0, or a checkpoint whose row did not reach the disk
+    for step in range(first + 1, c.num_steps + 1):
+      state, m = progs.train_step(state, topo, dev)
+      pending.append(m)
+      logs = bool(c.log_every and step % c.log_every == 0)
+      saves = ckpt is not None and bool(c.checkpoint_every) and (
+          step % c.checkpoint_every == 0 or step == c.num_steps)
+      if logs or saves or is_eval(step):
+        pull()
+      if logs:
+        logging.info("step %d/%d | train loss %.4f", step, c.num_steps,
+                     float(np.mean(buf["loss"][-1])))
+      if is_eval(step):
+        evaluate(step)
+      if saves:  # after the row of this step, so a checkpoint never runs ahead of the metrics
+        ckpt.save(step, state, {"step": step, "metrics": _buffer_to_json(buf),
+                                "wall_time": time.perf_counter() - start})
+  finally:
+    if ckpt is not None:
+      ckpt.close()
   return history

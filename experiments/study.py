@@ -32,11 +32,15 @@ import plot as plot_lib
 import sweep
 from absl import flags, logging
 
-_STAGE = flags.DEFINE_enum("stage", "tune", ["tune", "final", "report"], "Which stage to run.")
-_OUT = flags.DEFINE_string("out", "docs/results/fashion_mnist", "Folder of the sweep files.")
-_DATASET = flags.DEFINE_enum("dataset", "fashion_mnist", ["fashion_mnist", "mnist"], "Data.")
-_SMOKE = flags.DEFINE_bool("smoke", False, "A tiny version of every stage (seconds).")
-_HOST_DEVICES = flags.DEFINE_integer("host_devices", 8, "Virtual CPU devices ('shard').")
+
+def define_flags() -> None:
+  """The command line's flags (defined by the binary only, so importing this module is free)."""
+  flags.DEFINE_enum("stage", "tune", ["tune", "final", "report"], "Which stage to run.")
+  flags.DEFINE_string("out", "docs/results/fashion_mnist", "Folder of the sweep files.")
+  flags.DEFINE_enum("dataset", "fashion_mnist", ["fashion_mnist", "mnist"], "Data.")
+  flags.DEFINE_bool("smoke", False, "A tiny version of every stage (seconds).")
+  flags.DEFINE_integer("host_devices", 8, "Virtual CPU devices ('shard').")
+
 
 TUNE_LEARNING_RATES = (0.003, 0.01, 0.03, 0.1)
 TUNE_STRENGTHS = (0.5, 1.0, 2.0)
@@ -225,16 +229,18 @@ def main(argv):
   del argv
   from drt_jax import backends  # noqa: PLC0415
 
-  backends.use_host_devices(_HOST_DEVICES.value)
-  os.makedirs(_OUT.value, exist_ok=True)
-  base = base_config(_DATASET.value, _SMOKE.value)
-  if _STAGE.value == "tune":
-    tune(base, _OUT.value, _SMOKE.value)
-  elif _STAGE.value == "final":
-    final(base, _OUT.value, _SMOKE.value)
-  print(report(_OUT.value))
+  f = flags.FLAGS
+  backends.use_host_devices(f.host_devices)
+  os.makedirs(f.out, exist_ok=True)
+  base = base_config(f.dataset, f.smoke)
+  if f.stage == "tune":
+    tune(base, f.out, f.smoke)
+  elif f.stage == "final":
+    final(base, f.out, f.smoke)
+  print(report(f.out))
 
 
 if __name__ == "__main__":
+  define_flags()
   logging.set_verbosity(logging.INFO)
   common.run(main)

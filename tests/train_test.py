@@ -93,6 +93,11 @@ class TrainAndEvaluateTest(parameterized.TestCase):
       ("batch_too_big", {"batch_size": 100}, "exceeds agent 0's partition of 64"),
       ("too_many_agents", {"num_agents": 300}, "num_agents=300 but synthetic has only 256"),
       ("chunk_not_dividing", {"backend": "chunked", "chunk_size": 3}, "config.chunk_size=3"),
+      ("bad_checkpoint_every", {"checkpoint_every": -1}, "config.checkpoint_every=-1"),
+      ("bad_keep_checkpoints", {"keep_checkpoints": 0}, "config.keep_checkpoints=0"),
+      ("bad_dropout", {"faults": {"agent_dropout": 1.5}}, "config.faults.agent_dropout=1.5"),
+      ("bad_fault_seed", {"faults": {"seed": -1}}, "config.faults.seed=-1"),
+      ("unknown_fault", {"faults": {"crash": 0.1}}, "unknown config field 'faults.crash'"),
   )
   def test_bad_input_is_refused_in_one_line(self, override, message):
     with tempfile.TemporaryDirectory() as workdir:
@@ -102,6 +107,17 @@ class TrainAndEvaluateTest(parameterized.TestCase):
       self.assertFalse(os.path.exists(target))  # nothing written on refusal
     self.assertIn(message, str(ctx.exception))
     self.assertNotIn("\n", str(ctx.exception))
+
+  def test_same_config_and_seeds_give_the_same_history(self):
+    c = {**TINY, "algorithm": "drt", "num_steps": 4, "eval_every": 2,
+         "faults": {"agent_dropout": 0.2, "link_failure": 0.2, "straggler": 0.2, "seed": 1}}
+    untimed = lambda h: [{k: v for k, v in r.items() if k not in ("wall_time", "steps_per_sec")}  # noqa: E731
+                         for r in h]
+    first, second = (untimed(train.train_and_evaluate(c, data=tiny_data())) for _ in range(2))
+    self.assertEqual(first, second)
+    reseeded = untimed(train.train_and_evaluate({**c, "faults": {**c["faults"], "seed": 2}},
+                                                data=tiny_data()))
+    self.assertNotEqual(first[-1], reseeded[-1])
 
   def test_wrong_number_of_index_lists(self):
     d = tiny_data()
