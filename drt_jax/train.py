@@ -425,6 +425,22 @@ def check_workdir(workdir, c: ml_collections.ConfigDict, overwrite: bool = False
   return True
 
 
+def check_writable(workdir) -> None:
+  """Raises ValueError (one line) if ``workdir`` cannot be created or written; creates nothing."""
+  if not workdir:
+    return
+  path = os.path.abspath(workdir)
+  probe = path
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise ValueError(f"workdir {workdir} cannot be created: {probe} is a file; choose another "
+                     "workdir")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise ValueError(f"workdir {workdir} is not writable ({probe} denies writing); choose "
+                     "another workdir")
+
+
 def _flatten(d, prefix=""):
   out = {}
   for k, v in d.items():
@@ -554,6 +570,7 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
     history[-1]["test_acc_mean"]
   """
   c = config_lib.resolve(config)
+  check_writable(workdir)
   same_run = check_workdir(workdir, c, overwrite)
   d = data_lib.as_data(data) if data is not None else load_data(c)
   prepared = prepare_data(c, d)
@@ -576,6 +593,10 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
   sizes = {k: int(np.sum(np.asarray(v.mask))) for k, v in eval_sets.items()}
 
   state = backends.place(init_state(c, net, alg, topo), c.backend, c.num_agents)
+  bad = np.flatnonzero(~np.asarray(agents_finite(state.params)))
+  if bad.size:
+    raise ValueError(f"the initial parameters are not finite on agents {bad.tolist()}; check "
+                     "the model's initialisers")
   place = functools.partial(backends.place, backend=c.backend, num_agents=c.num_agents,
                             stacked=False)
   dev = dev._replace(**place(dict(images=dev.images, labels=dev.labels, mean=dev.mean,

@@ -6,12 +6,13 @@ import os
 import tempfile
 
 import chex
+import flax.linen as flax_nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from drt_jax import algorithms, config, data, topology, train
+from drt_jax import algorithms, config, data, models, topology, train
 
 TINY = {
     "num_agents": 4, "model": "mlp", "model_options": {"hidden": (16,)}, "batch_size": 8,
@@ -98,6 +99,19 @@ class TrainAndEvaluateTest(parameterized.TestCase):
       ("bad_dropout", {"faults": {"agent_dropout": 1.5}}, "config.faults.agent_dropout=1.5"),
       ("bad_fault_seed", {"faults": {"seed": -1}}, "config.faults.seed=-1"),
       ("unknown_fault", {"faults": {"crash": 0.1}}, "unknown config field 'faults.crash'"),
+      ("disconnected_graph", {"topology": "erdos_renyi", "topology_options": {"p": 0.01}},
+       "disconnected"),
+      ("unknown_topology_option", {"topology_options": {"radius": 2}}, "takes no option"),
+      ("unknown_weight_rule", {"topology_weights": "max_degree"},
+       "config.topology_weights='max_degree'"),
+      ("bad_lazy", {"lazy": 1.0}, "config.lazy=1.0"),
+      ("bad_self_weight", {"self_weight": -0.5}, "config.self_weight=-0.5"),
+      ("bad_alpha", {"partition": "dirichlet", "dirichlet_alpha": 0.0},
+       "config.dirichlet_alpha=0.0"),
+      ("unknown_partition", {"partition": "pathological"}, "config.partition='pathological'"),
+      ("bad_momentum", {"momentum": 1.0}, "config.momentum=1.0"),
+      ("unknown_optimizer", {"optimizer": "lion"}, "config.optimizer='lion'"),
+      ("bad_validation", {"validation_fraction": 1.0}, "config.validation_fraction=1.0"),
   )
   def test_bad_input_is_refused_in_one_line(self, override, message):
     with tempfile.TemporaryDirectory() as workdir:
@@ -107,6 +121,57 @@ class TrainAndEvaluateTest(parameterized.TestCase):
       self.assertFalse(os.path.exists(target))  # nothing written on refusal
     self.assertIn(message, str(ctx.exception))
     self.assertNotIn("\n", str(ctx.exception))
+
+  def test_bad_data_model_and_workdir_are_refused_in_one_line(self):
+    d = tiny_data()
+
+    class NanInit(flax_nn.Module):
+      @flax_nn.compact
+      def __call__(self, x, train):
+        del train
+        w = self.param("w", lambda key, shape: jnp.full(shape, jnp.nan), (x[0].size, 10))
+        return x.reshape(x.shape[0], -1) @ w
+
+    with tempfile.TemporaryDirectory() as tmp:
+      a_file = os.path.join(tmp, "file")
+      with open(a_file, "w") as f:
+        f.write("x")
+      other = os.path.join(tmp, "other")
+      os.makedirs(other)
+      with open(os.path.join(other, "config.json"), "w") as f:
+        json.dump({**config.resolve(TINY).to_dict(), "num_steps": 99}, f)
+      cases = [
+          ("wrong_k", dict(data={**d._asdict(), "agent_indices": [np.arange(10)] * 3}),
+           "index lists for 3 agents but config.num_agents=4"),
+          ("unknown_dataset", dict(config={**TINY, "dataset": "nope"}, data=None),
+           "unknown dataset 'nope'"),
+          ("nan_init", dict(model=models.from_flax(NanInit(), (8, 8, 1), 10)),
+           "initial parameters are not finite on agents [0, 1, 2, 3]"),
+          ("unwritable_workdir", dict(workdir=os.path.join(a_file, "run")), "is a file"),
+          ("another_configs_run", dict(workdir=other), "holds a run of a different config"),
+      ]
+      for name, kw, message in cases:
+        kw = {"config": TINY, "data": d, "workdir": os.path.join(tmp, name), **kw}
+        with self.assertRaises(ValueError, msg=name) as ctx:
+          train.train_and_evaluate(kw.pop("config"), **kw)
+        self.assertIn(message, str(ctx.exception), name)
+        self.assertNotIn("\n", str(ctx.exception), name)
+        if name != "another_configs_run":
+          self.assertFalse(os.path.exists(os.path.join(tmp, name)), name)
+      self.assertEqual(sorted(os.listdir(other)), ["config.json"])  # left untouched
+
+  def test_bad_matrices_are_refused_in_one_line(self):
+    ring = topology.make("ring", 4).dense()
+    negative = ring.copy()
+    negative[0, 1], negative[1, 1] = -0.1, negative[1, 1] + 0.1 + ring[0, 1]
+    for mats, message in (([ring * 0.5], "sums to 0.5, not 1"),
+                          ([negative], "negative weights"),
+                          ([np.eye(4)], "disconnected"),
+                          ([ring[:3, :3]], "sums to")):
+      with self.assertRaises(ValueError) as ctx:
+        topology.from_matrices(np.stack(mats))
+      self.assertIn(message, str(ctx.exception))
+      self.assertNotIn("\n", str(ctx.exception))
 
   def test_same_config_and_seeds_give_the_same_history(self):
     c = {**TINY, "algorithm": "drt", "num_steps": 4, "eval_every": 2,
