@@ -36,9 +36,15 @@ import shutil
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 SUBDIR = "checkpoints"
+
+
+def _ocp():
+  """orbax.checkpoint, imported on first use: runs without checkpoints do not need it."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  return ocp
 
 
 def directory(workdir: str) -> str:
@@ -83,9 +89,9 @@ class Checkpoints:
 
   def __init__(self, workdir: str, keep: int = 2):
     self.path = directory(workdir)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+    options = _ocp().CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=False)
-    self._manager = ocp.CheckpointManager(self.path, options=options)
+    self._manager = _ocp().CheckpointManager(self.path, options=options)
 
   def latest_step(self) -> int | None:
     """The step of the newest complete checkpoint, or None."""
@@ -99,8 +105,8 @@ class Checkpoints:
 
     Returns when the checkpoint is complete on disk.
     """
-    args = ocp.args.Composite(state=ocp.args.StandardSave(to_arrays(state)),
-                              host=ocp.args.JsonSave(dict(host or {})))
+    args = _ocp().args.Composite(state=_ocp().args.StandardSave(to_arrays(state)),
+                              host=_ocp().args.JsonSave(dict(host or {})))
     self._manager.save(int(step), args=args, force=True)
     self._manager.wait_until_finished()
 
@@ -113,8 +119,8 @@ class Checkpoints:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.path}")
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(template)),
-                              host=ocp.args.JsonRestore())
+    args = _ocp().args.Composite(state=_ocp().args.StandardRestore(_abstract(template)),
+                              host=_ocp().args.JsonRestore())
     out = self._manager.restore(int(step), args=args)
     return from_arrays(out.state, template), dict(out.host or {})
 
@@ -139,11 +145,11 @@ def load(workdir: str, step: int | None = None) -> tuple[dict, dict]:
   step = latest_step(workdir) if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {directory(workdir)}")
-  manager = ocp.CheckpointManager(directory(workdir), options=ocp.CheckpointManagerOptions(
+  manager = _ocp().CheckpointManager(directory(workdir), options=_ocp().CheckpointManagerOptions(
       create=False, read_only=True, enable_async_checkpointing=False))
   try:
-    out = manager.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                             host=ocp.args.JsonRestore()))
+    out = manager.restore(int(step), args=_ocp().args.Composite(state=_ocp().args.StandardRestore(),
+                                                             host=_ocp().args.JsonRestore()))
   finally:
     manager.close()
   return jax.tree.map(np.asarray, out.state), dict(out.host or {})

@@ -17,6 +17,7 @@ import ml_collections
 from drt_jax import algorithms, backends, data, datasets, drt, models, partition, topology
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
+PRECISIONS = ("float32", "bfloat16")
 AUGMENTS = ("auto",) + data.AUGMENTATIONS
 
 
@@ -43,6 +44,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Model: one of models.NAMES, with its options.
   c.model = "cnn"
   c.model_options = ml_collections.ConfigDict()
+  # Compute dtype of the model: 'float32', or 'bfloat16' (mixed precision: parameters, optimizer
+  # state, gradients' accumulation into them and the combination stay float32).
+  c.precision = "float32"
   c.same_init = True  # all agents start from one initialisation
   # Local optimizer (state local to each agent).
   c.optimizer = "sgd"  # one of OPTIMIZERS
@@ -122,6 +126,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _one_of(c, "topology_weights", topology.WEIGHT_RULES)
   _one_of(c, "algorithm", algorithms.NAMES)
   _one_of(c, "optimizer", OPTIMIZERS)
+  _one_of(c, "precision", PRECISIONS)
   _one_of(c, "backend", backends.BACKENDS)
   for field in ("num_agents", "batch_size", "comm_every", "eval_batch_size"):
     if not isinstance(c[field], int) or c[field] < 1:

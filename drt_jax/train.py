@@ -118,8 +118,12 @@ def make_topology(c: ml_collections.ConfigDict) -> topology_lib.Topology:
 
 
 def make_model(c: ml_collections.ConfigDict, data: data_lib.Data) -> models.Model:
-  return models.make(c.model, data.classes, input_shape=data.train_images.shape[1:],
-                     **dict(c.model_options))
+  """``config.model`` for the data's input shape and classes, computing in ``config.precision``
+  (parameters stay float32 whatever the precision)."""
+  options = dict(c.model_options)
+  if c.precision != "float32":
+    options.setdefault("dtype", jnp.dtype(c.precision))
+  return models.make(c.model, data.classes, input_shape=data.train_images.shape[1:], **options)
 
 
 def agents_finite(stacked_tree) -> jax.Array:

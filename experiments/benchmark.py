@@ -76,6 +76,8 @@ flags.DEFINE_bool("smoke", False, "Tiny run for CI: mlp, K=2,4, batch 4, 2 steps
 flags.DEFINE_string("data_memory", "mnist", "Dataset whose device footprint for "
                     "--data_memory_k agents is reported ('' skips; 'synthetic' in --smoke).")
 flags.DEFINE_integer("data_memory_k", 64, "K for the data-memory line.")
+flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16"], "Compute dtype of every "
+                  "variant (parameters and the combination stay float32).")
 flags.DEFINE_list("combine_ks", ["16", "64", "256", "1024"], "K values of the combine-alone "
                   "comparison, sparse vs dense, on a ring ('' skips).")
 flags.DEFINE_integer("combine_params", 50_000, "Floats per agent in the combine comparison.")
@@ -235,7 +237,8 @@ def library_case(case: Case, backend: str, chunk_size: int, algorithm: str, run_
   c = config_lib.resolve({
       "num_agents": case.k_count, "batch_size": case.batch, "backend": backend,
       "model": case.model_name, "chunk_size": chunk_size if backend == "chunked" else 0,
-      "algorithm": algorithm, "topology": FLAGS.topology, "learning_rate": FLAGS.learning_rate})
+      "algorithm": algorithm, "topology": FLAGS.topology, "learning_rate": FLAGS.learning_rate,
+      "precision": FLAGS.precision})
   model, alg = train.make_model(c, case.data), train.make_algorithm(c)
   topo = jax.device_put(train.make_topology(c))
   dev = _device_data(case.data, case.k_count)
@@ -368,7 +371,7 @@ def _table(machine: dict, rows: list, comparisons: list) -> str:
   lines = [
       f"### drt_jax training throughput on {machine['host']} ({machine['platform']}, "
       f"{machine['local_device_count']}× {machine['device_kind']}, {machine['cpu_count']} CPUs, "
-      f"jax {machine['jax']}, {machine['date']})", "",
+      f"jax {machine['jax']}, {machine['date']}), {FLAGS.precision} compute", "",
       "| model | K | variant | img/s | × single | step ms | compile s | peak MB | XLA MB |",
       "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
@@ -409,7 +412,8 @@ class _Sink:
 
 def _settings() -> dict:
   s = {"models": FLAGS.models, "ks": [int(k) for k in FLAGS.ks], "batch": FLAGS.batch,
-       "steps": FLAGS.steps, "warmup": FLAGS.warmup, "data_memory": FLAGS.data_memory,
+       "steps": FLAGS.steps, "warmup": FLAGS.warmup, "precision": FLAGS.precision,
+       "data_memory": FLAGS.data_memory,
        "data_memory_k": FLAGS.data_memory_k,
        "combine_ks": [int(k) for k in FLAGS.combine_ks], "combine_params": FLAGS.combine_params,
        "combine_reps": FLAGS.combine_reps}
@@ -515,7 +519,8 @@ def main(argv):
     shape = _SHAPES[model_name]
     d = data_lib.synthetic(num_train=max(1024, 4 * max(s["ks"]) * s["batch"]), num_test=16,
                            shape=shape, seed=0)
-    model = models.make(model_name, d.classes, input_shape=shape)
+    dtype = {} if FLAGS.precision == "float32" else {"dtype": jnp.dtype(FLAGS.precision)}
+    model = models.make(model_name, d.classes, input_shape=shape, **dtype)
     pruned = {}
     for k_count in sorted(s["ks"]):
       case = Case(model_name, model, d, k_count, s["batch"])

@@ -173,6 +173,26 @@ class TrainAndEvaluateTest(parameterized.TestCase):
       self.assertIn(message, str(ctx.exception))
       self.assertNotIn("\n", str(ctx.exception))
 
+  def test_bfloat16_compute_keeps_float32_parameters(self):
+    d = tiny_data(shape=(12, 12, 1))
+    opts = {"features": (4, 8), "hidden": 16}
+    c = config.resolve({**TINY, "model": "cnn", "model_options": opts, "precision": "bfloat16"})
+    model = train.make_model(c, d)
+    topo = train.make_topology(c)
+    state, _ = _one_step(c, model, lambda alg: train.init_state(c, model, alg, topo), topo,
+                         _device_data(c, d))
+    chex.assert_trees_all_equal_dtypes(state.params, jax.tree.map(jnp.float32, state.params))
+    one = {"params": jax.tree.map(lambda x: x[0], state.params)}
+    x = jax.random.normal(jax.random.key(0), (2, 12, 12, 1))
+    logits, _ = model.apply(one, x, False)
+    full, _ = train.make_model(config.resolve({**c.to_dict(), "precision": "float32"}),
+                               d).apply(one, x, False)
+    chex.assert_type(logits, jnp.float32)
+    self.assertFalse(np.array_equal(logits, full))  # computed in bfloat16 ...
+    np.testing.assert_allclose(logits, full, atol=0.05, rtol=0.05)  # ... to its precision
+    history = train.train_and_evaluate({**c.to_dict(), "num_steps": 2, "eval_every": 2}, data=d)
+    self.assertBetween(history[-1]["test_acc_mean"], 0.0, 1.0)
+
   def test_same_config_and_seeds_give_the_same_history(self):
     c = {**TINY, "algorithm": "drt", "num_steps": 4, "eval_every": 2,
          "faults": {"agent_dropout": 0.2, "link_failure": 0.2, "straggler": 0.2, "seed": 1}}
