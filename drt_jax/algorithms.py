@@ -232,7 +232,7 @@ def drt_diffusion(local_optimizer: optax.GradientTransformation, *, variant: str
     def communicate():
       layer_w, _ = drt_lib.weights(psi, m, names, gamma(state, psi, names), variant=variant,
                                    floor=floor, eps=eps)
-      return combine_lib.combine_layers(psi, m.nbr_idx, layer_w, names), layer_w
+      return combine_lib.combine_layers(psi, m, layer_w, names), layer_w
 
     def stay():  # keeps the last weights for metrics; combine_stats knows nothing was mixed
       return psi, state.layer_w
@@ -250,7 +250,7 @@ def drt_diffusion(local_optimizer: optax.GradientTransformation, *, variant: str
     leaves, treedef = jax.tree.flatten(stats)
 
     def mix():
-      out = [combine_lib.combine(x, Mixing(m.nbr_idx, w)) for x, w in zip(leaves, per_leaf)]
+      out = [combine_lib.combine(x, m._replace(nbr_w=w)) for x, w in zip(leaves, per_leaf)]
       return jax.tree.unflatten(treedef, out)
 
     return _maybe(_communicates(prev, comm_every), comm_every, mix, lambda: stats)

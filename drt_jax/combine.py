@@ -9,6 +9,7 @@ Per-layer combination (DRT diffusion) uses one weight array ``[K, D]`` per *laye
 leaves named by :func:`layer_names`.
 """
 
+import functools
 from collections.abc import Mapping
 
 import jax
@@ -32,13 +33,38 @@ def _acc_dtype(x):
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def _combine_leaf(x, nbr_idx, nbr_w):
+def neighbour(x, mixing: Mixing, j: int):
+  """Every agent's j-th listed neighbour's copy of leaf ``x[K, ...]``: ``x[nbr_idx[:, j]]``.
+
+  A gather in general; for circulant graphs (``mixing.shifts``) a roll of the agent grid, which
+  XLA lowers to collective-permutes when the agent axis is sharded (only boundary agents move
+  between devices). Time-varying shifts pick the step's roll with ``lax.switch``.
+  """
+  shifts = mixing.shifts
+  if shifts is None:
+    return jnp.take(x, mixing.nbr_idx[:, j], axis=0)
+  grid = tuple(shifts.grid)
+
+  def roll(t):
+    off = shifts.table[t][j]
+    if not any(off):
+      return x
+    y = x.reshape(grid + x.shape[1:])
+    y = jnp.roll(y, tuple(-o for o in off), axis=tuple(range(len(grid))))
+    return y.reshape(x.shape)
+
+  if len(shifts.table) == 1:
+    return roll(0)
+  return jax.lax.switch(mixing.t, [functools.partial(roll, t) for t in range(len(shifts.table))])
+
+
+def _combine_leaf(x, mixing: Mixing, nbr_w):
   """sum_j nbr_w[k, j] * x[nbr_idx[k, j]] for one leaf ``x[K, ...]``."""
   dtype = _acc_dtype(x)
   expand = (slice(None),) + (None,) * (x.ndim - 1)
   out = nbr_w[:, 0].astype(dtype)[expand] * x.astype(dtype)  # slot 0 is the agent itself
-  for j in range(1, nbr_idx.shape[1]):
-    out = out + nbr_w[:, j].astype(dtype)[expand] * jnp.take(x, nbr_idx[:, j], axis=0)
+  for j in range(1, nbr_w.shape[1]):
+    out = out + nbr_w[:, j].astype(dtype)[expand] * neighbour(x, mixing, j)
   return out.astype(x.dtype)
 
 
@@ -57,7 +83,7 @@ def combine(stacked_tree: PyTree, topology: Topology | Mixing, step=0) -> PyTree
     combine(x, topo)["w"]   # each agent averages itself and its two neighbours
   """
   mix = as_mixing(topology, step)
-  return jax.tree.map(lambda x: _combine_leaf(x, mix.nbr_idx, mix.nbr_w), stacked_tree)
+  return jax.tree.map(lambda x: _combine_leaf(x, mix, mix.nbr_w), stacked_tree)
 
 
 def combine_dense(stacked_tree: PyTree, a) -> PyTree:
@@ -125,11 +151,17 @@ def layer_sizes(tree: PyTree, names: list[str], stacked: bool = True) -> dict[st
   return out
 
 
-def combine_layers(stacked_tree: PyTree, nbr_idx, layer_w: Mapping[str, jax.Array],
+def combine_layers(stacked_tree: PyTree, mixing, layer_w: Mapping[str, jax.Array],
                    names: list[str]) -> PyTree:
-  """Combines each leaf with its layer's weights ``layer_w[name]`` (each ``[K, D]``)."""
+  """Combines each leaf with its layer's weights ``layer_w[name]`` (each ``[K, D]``).
+
+  ``mixing`` gives the neighbour lists: a :class:`Mixing` (its weights are not used) or just the
+  ``nbr_idx`` array.
+  """
+  if not isinstance(mixing, Mixing):
+    mixing = Mixing(mixing, None)
   leaves, treedef = jax.tree.flatten(stacked_tree)
-  out = [_combine_leaf(x, nbr_idx, layer_w[n]) for x, n in zip(leaves, names)]
+  out = [_combine_leaf(x, mixing, layer_w[n]) for x, n in zip(leaves, names)]
   return jax.tree.unflatten(treedef, out)
 
 

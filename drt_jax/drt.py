@@ -72,9 +72,9 @@ def calibrate(stacked_params: PyTree, names: list[str], eps: float = 1e-6) -> di
   return {p: jnp.mean(v) for p, v in guarded_sq_norms(stacked_params, names, eps).items()}
 
 
-def _edge_sq_dists(stacked_tree, names, nbr_idx) -> dict:
+def _edge_sq_dists(stacked_tree, names, mixing) -> dict:
   """||psi_k^(p) - psi_l^(p)||^2 for l = nbr_idx[k, j]: dict layer -> ``[K, D]`` (slot 0 = 0)."""
-  width = nbr_idx.shape[1]
+  width = mixing.nbr_idx.shape[1]
   out = {}
   for name, leaf in zip(names, jax.tree.leaves(stacked_tree)):
     dtype = jnp.promote_types(leaf.dtype, jnp.float32)
@@ -84,7 +84,7 @@ def _edge_sq_dists(stacked_tree, names, nbr_idx) -> dict:
     for j in range(1, width):
       # Gathers exactly as the combine does (same operand, same indices), so that XLA computes
       # each neighbour gather once for the distances and the combination.
-      cols.append(jnp.sum(jnp.square(x - flat(jnp.take(leaf, nbr_idx[:, j], axis=0))), axis=1))
+      cols.append(jnp.sum(jnp.square(x - flat(combine_lib.neighbour(leaf, mixing, j))), axis=1))
     sq = jnp.stack(cols, axis=1)
     out[name] = out[name] + sq if name in out else sq
   return out
@@ -131,13 +131,13 @@ def weights(psi: PyTree, mixing: Mixing, names: list[str], gamma: dict, *, varia
     (slot 0 = a_kk^(p)), and ``log(1 + DRT(psi_l -> psi_k))`` per listed edge ``[K, D]``
     (0 on the self slot and on padding).
   """
-  nbr_idx, c = mixing
+  nbr_idx, c = mixing.nbr_idx, mixing.nbr_w
   layers = combine_lib.unique_layers(names)
   sq_norm = guarded_sq_norms(psi, names, eps)
   log_n = jnp.stack([0.5 * jnp.log(sq_norm[p]) for p in layers])  # [P, K]
   log_n_l = log_n[:, nbr_idx]  # [P, K, D]: the neighbour's norm
   log_n_k = log_n[:, :, None]
-  dist = _edge_sq_dists(psi, names, nbr_idx)
+  dist = _edge_sq_dists(psi, names, mixing)
   log_dist = 0.5 * jnp.log(jnp.stack([dist[p] for p in layers]))  # -inf where equal
   neighbour = (jnp.arange(c.shape[1]) > 0)[None, :] & (c > 0)  # [K, D]
 

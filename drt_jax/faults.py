@@ -87,7 +87,7 @@ def mask_mixing(mixing: Mixing, alive, link_ok) -> Mixing:
     link_ok: bool ``[K, D]``; ``link_ok[k, j]`` false drops the link from ``nbr_idx[k, j]`` to k.
       Pass a mask that is the same for both directions (:func:`pair_ids`) to keep symmetry.
   """
-  nbr_idx, w = mixing
+  nbr_idx, w = mixing.nbr_idx, mixing.nbr_w
   off = (jnp.arange(w.shape[1]) > 0)[None, :]
   keep = off & link_ok & alive[:, None] & alive[nbr_idx]
   kept = jnp.where(keep, w, 0.0)
@@ -95,7 +95,7 @@ def mask_mixing(mixing: Mixing, alive, link_ok) -> Mixing:
   dropped = jnp.sum(jnp.where(off, w, 0.0), axis=1) - kept_off
   # An agent left without neighbours keeps itself exactly, not 1 up to rounding.
   self_w = jnp.where(jnp.any(keep & (w > 0), axis=1), w[:, 0] + dropped, 1.0)
-  return Mixing(nbr_idx, kept.at[:, 0].set(self_w.astype(w.dtype)))
+  return mixing._replace(nbr_w=kept.at[:, 0].set(self_w.astype(w.dtype)))
 
 
 def sample(key, step, mixing: Mixing, spec: Spec) -> Faults:
@@ -131,7 +131,7 @@ def counts(f: Faults, mixing: Mixing) -> dict:
   ``failed_links`` counts the edges of the step's graph (positive base weight) whose link failed,
   an undirected edge once; a link to a dropped agent is not counted as failed.
   """
-  nbr_idx, w = mixing
+  nbr_idx, w = mixing.nbr_idx, mixing.nbr_w
   k_count, width = nbr_idx.shape
   listed = (jnp.arange(width) > 0)[None, :] & (w > 0)
   failed = listed & ~f.link_ok & f.alive[:, None] & f.alive[nbr_idx]

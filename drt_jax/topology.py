@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drt_jax.types import Mixing
+from drt_jax.types import Mixing, Shifts
 
 WEIGHT_RULES = ("metropolis", "uniform")
 _ATOL = 1e-6
@@ -65,6 +65,7 @@ class Topology:
   nbr_w: np.ndarray
   kind: str = "custom"
   directed: bool = False
+  shifts: Shifts | None = None  # circulant structure of the lists, when they have one
 
   @property
   def num_agents(self) -> int:
@@ -89,7 +90,8 @@ class Topology:
   def mixing(self, step=0) -> Mixing:
     """The combination weights at ``step`` (may be a traced integer) as device arrays."""
     t = step % self.period
-    return Mixing(jnp.asarray(self.nbr_idx)[t], jnp.asarray(self.nbr_w)[t])
+    return Mixing(jnp.asarray(self.nbr_idx)[t], jnp.asarray(self.nbr_w)[t], self.shifts,
+                  jnp.asarray(t, jnp.int32) if self.shifts and self.period > 1 else None)
 
   def dense(self, step: int = 0) -> np.ndarray:
     """The dense ``[K, K]`` matrix at ``step`` with ``A[l, k] = a_lk`` (columns sum to one)."""
@@ -158,11 +160,13 @@ class Topology:
             f"max_degree={self.max_degree}, directed={self.directed})")
 
 
-# Only the two arrays are pytree children and nothing is static, so that any topology of the same
-# padded shape -- another graph, other weights, a schedule -- reuses a compiled step. Inside a
-# traced function the name and flag are not needed (and not kept).
+# The two arrays are the pytree children; the only static part is the circulant structure, so
+# any topology of the same padded shape and structure -- other weights, a lazy or matched-mixing
+# variant -- reuses a compiled step. Inside a traced function the name and flag are not needed
+# (and not kept).
 jax.tree_util.register_pytree_node(
-    Topology, lambda t: ((t.nbr_idx, t.nbr_w), None), lambda _, c: Topology(*c))
+    Topology, lambda t: ((t.nbr_idx, t.nbr_w), t.shifts),
+    lambda shifts, c: Topology(*c, shifts=shifts))
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,8 +253,56 @@ def from_matrices(mats, *, kind: str = "custom", check_connectivity: bool = True
   off[:, np.arange(k_count), np.arange(k_count)] = 0
   width = 1 + int((off != 0).sum(axis=1).max()) if k_count > 1 else 1
   idx, w = _to_neighbour_list(mats, width)
+  idx, w, shifts = circulant_order(idx, w)
   directed = not all(np.array_equal(a != 0, (a != 0).T) for a in mats)
-  return Topology(idx, w, kind=kind, directed=directed)
+  return Topology(idx, w, kind=kind, directed=directed, shifts=shifts)
+
+
+MAX_ROLLS = 16  # beyond this many neighbour slots, gathers compile faster than rolls
+
+
+def _grids(k_count: int):
+  yield (k_count,)
+  for rows in range(2, k_count // 2 + 1):
+    if k_count % rows == 0:
+      yield (rows, k_count // rows)
+
+
+def circulant_order(idx: np.ndarray, w: np.ndarray):
+  """Reorders each agent's neighbour slots so that slot j is the same grid offset for every
+  agent, when the graph is circulant on a 1-D or 2-D grid of the agents (ring, torus, static and
+  one-peer exponential, full); returns ``(idx, w, Shifts or None)``.
+  """
+  t_count, k_count, width = idx.shape
+  if k_count < 2 or width < 2 or width - 1 > MAX_ROLLS:
+    return idx, w, None
+  for grid in _grids(k_count):
+    pos = np.stack(np.unravel_index(np.arange(k_count), grid), axis=-1)  # [K, axes]
+    new_idx, new_w, table = idx.copy(), w.copy(), []
+    for t in range(t_count):
+      offsets = (pos[idx[t]] - pos[:, None, :]) % np.array(grid)  # [K, D, axes]
+      live = w[t] > 0
+      live[:, 0] = False
+      sets = {tuple(sorted(map(tuple, offsets[k][live[k]]))) for k in range(k_count)}
+      if len(sets) != 1:
+        break
+      (order,) = sets
+      if len(order) > width - 1 or len(set(order)) != len(order):
+        break
+      row = [tuple(0 for _ in grid)] + list(order)
+      row += [row[0]] * (width - len(row))  # padding slots: the agent itself, weight 0
+      for k in range(k_count):
+        slot = {tuple(o): j for j, o in enumerate(offsets[k]) if live[k, j]}
+        for j, off in enumerate(row[1:], 1):
+          if j <= len(order):
+            new_idx[t, k, j] = idx[t, k, slot[off]]
+            new_w[t, k, j] = w[t, k, slot[off]]
+          else:
+            new_idx[t, k, j], new_w[t, k, j] = k, 0.0
+      table.append(tuple(tuple(int(o) for o in off) for off in row))
+    else:
+      return new_idx, new_w, Shifts(tuple(grid), tuple(table))
+  return idx, w, None
 
 
 def identity(num_agents: int) -> Topology:

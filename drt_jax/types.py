@@ -18,13 +18,36 @@ PyTree = Any
 Array = jax.Array
 
 
+class Shifts(NamedTuple):
+  """Static structure of a circulant graph: every neighbour slot is one shift of an agent grid.
+
+  Agents sit on a grid of shape ``grid`` (``(K,)`` for a ring, ``(rows, cols)`` for a torus), in
+  row-major order. ``table[t][j]`` is the grid offset of slot j at step t of the period: agent k's
+  j-th neighbour is the agent at ``position(k) + table[t][j]`` (modulo the grid). A neighbour
+  exchange is then a roll of the stacked array, which XLA lowers to collective-permutes between
+  devices instead of gathering every agent's parameters everywhere.
+  """
+
+  grid: tuple
+  table: tuple  # [T][D] tuples of per-axis offsets
+
+
+# Compile-time data: a pytree node without children, so it never becomes a tracer.
+jax.tree_util.register_pytree_node(Shifts, lambda s: ((), tuple(s)), lambda aux, _: Shifts(*aux))
+
+
 class Mixing(NamedTuple):
   """One step's combination weights as a padded neighbour list (device arrays).
 
   Row k lists the agents k listens to: ``nbr_idx[k, j] = l`` and ``nbr_w[k, j] = a_lk``.
   Slot 0 is always agent k itself (its self-weight ``a_kk``); padding slots point at k with
-  weight 0, so gathers never go out of range.
+  weight 0, so gathers never go out of range. For circulant graphs ``shifts`` describes the
+  same lists as grid offsets (and ``t`` is the step within the period), so that neighbours are
+  fetched by rolls rather than gathers; code that changes the weights keeps them with
+  ``mixing._replace(nbr_w=...)``.
   """
 
   nbr_idx: Array  # int32[K, D]
   nbr_w: Array  # float32[K, D]
+  shifts: Shifts | None = None
+  t: Array | None = None  # int32 scalar: the step within the period (time-varying shifts)

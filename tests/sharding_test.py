@@ -1,0 +1,108 @@
+"""The agent axis over devices: circulant graphs exchange neighbours by collective-permute."""
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl.testing import absltest, parameterized
+from jax.sharding import NamedSharding, PartitionSpec
+
+from drt_jax import algorithms, backends, combine, topology
+
+K = 16
+CIRCULANT = ("ring", "torus", "exponential", "one_peer_exponential", "full")
+
+
+def _gathered(topo):
+  """The same topology without its circulant structure: neighbours by gather."""
+  return dataclasses.replace(topo, shifts=None)
+
+
+def _collectives(hlo: str) -> dict:
+  """op name -> list of result shapes, e.g. {"all-gather": ["f32[16,1000]"]}."""
+  out = {}
+  for op in ("all-gather", "collective-permute", "all-to-all", "all-reduce"):
+    out[op] = re.findall(r"= (\w+\[[\d,]*\])[^=]*? " + op + r"(?:-start)?\(", hlo)
+  return out
+
+
+def _elements(shape: str) -> int:
+  dims = shape[shape.index("[") + 1:-1]
+  return int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+
+
+class CirculantTest(parameterized.TestCase):
+
+  @parameterized.parameters(*CIRCULANT)
+  def test_structure_is_found_and_rolls_equal_gathers_and_dense(self, kind):
+    topo = topology.make(kind, K)
+    self.assertIsNotNone(topo.shifts, kind)
+    x = {"w": jax.random.normal(jax.random.key(0), (K, 3, 5)),
+         "b": jnp.arange(K * 2.0).reshape(K, 2)}
+    fn = jax.jit(combine.combine)
+    for t in range(topo.period):
+      rolled = fn(x, topo, t)
+      gathered = fn(x, _gathered(topo), t)
+      dense = combine.combine_dense(x, topo.dense(t))
+      for name in x:
+        np.testing.assert_allclose(rolled[name], gathered[name], atol=1e-6, err_msg=kind)
+        np.testing.assert_allclose(rolled[name], dense[name], atol=1e-5, err_msg=kind)
+
+  @parameterized.parameters("star", "grid", "random_matching", "erdos_renyi")
+  def test_other_graphs_gather(self, kind):
+    self.assertIsNone(topology.make(kind, K, **({"p": 0.5} if kind == "erdos_renyi" else {}))
+                      .shifts)
+
+  def test_weights_of_the_same_structure_do_not_recompile(self):
+    fn = jax.jit(lambda x, topo: combine.combine(x, topo))  # noqa: PLW0108 -- its own cache
+    x = jnp.ones((K, 4))
+    ring = topology.make("ring", K)
+    for topo in (ring, ring.lazy(0.5), ring.with_self_weight(0.2),
+                 topology.make("ring", K, weights="uniform")):
+      fn(x, topo)
+    self.assertEqual(fn._cache_size(), 1)
+
+
+class CollectivesTest(parameterized.TestCase):
+  """Under the agents mesh (8 virtual devices, conftest.py), the compiled programs move only
+  boundary agents between devices for ring and torus: collective-permutes, and no all-gather of
+  anything as large as the parameters."""
+
+  def setUp(self):
+    super().setUp()
+    if jax.local_device_count() < 8:
+      self.skipTest("needs 8 local devices")
+    mesh = backends.agents_mesh()
+    self.split = NamedSharding(mesh, PartitionSpec(backends.AGENTS))
+
+  def _params(self):
+    return jax.device_put({"dense": {"kernel": jnp.ones((K, 40, 25)), "bias": jnp.ones((K, 25))}},
+                          self.split)
+
+  @parameterized.parameters("ring", "torus")
+  def test_combine_uses_collective_permute_only(self, kind):
+    topo = topology.make(kind, K)
+    hlo = jax.jit(combine.combine, out_shardings=self.split).lower(
+        self._params(), topo).compile().as_text()
+    ops = _collectives(hlo)
+    self.assertNotEmpty(ops["collective-permute"], kind)
+    self.assertEmpty(ops["all-gather"], kind)
+
+  @parameterized.product(kind=("ring", "torus"), name=("atc", "drt"))
+  def test_algorithm_step_gathers_no_parameters(self, kind, name):
+    topo = topology.make(kind, K)
+    alg = algorithms.make(name, optax.sgd(0.1))
+    params = self._params()
+    state = backends.place(alg.init(params, topo), "shard", K)
+    hlo = jax.jit(alg.step).lower(params, params, state, topo).compile().as_text()
+    ops = _collectives(hlo)
+    self.assertNotEmpty(ops["collective-permute"])
+    big = [s for s in ops["all-gather"] if _elements(s) >= 40 * 25]
+    self.assertEmpty(big, f"{name} on the {kind} all-gathers parameter-sized arrays: {big}")
+
+
+if __name__ == "__main__":
+  absltest.main()
