@@ -82,6 +82,8 @@ flags.DEFINE_list("combine_ks", ["16", "64", "256", "1024"], "K values of the co
                   "comparison, sparse vs dense, on a ring ('' skips).")
 flags.DEFINE_integer("combine_params", 50_000, "Floats per agent in the combine comparison.")
 flags.DEFINE_integer("combine_reps", 5, "Timed calls per combine case (median reported).")
+flags.DEFINE_integer("bytes_k", 64, "K of the bytes-moved lines (ring, torus, full; agents "
+                     "sharded over the local devices; 0 skips).")
 flags.DEFINE_integer("host_devices", 1, "If > 1, virtual CPU devices to create (for 'shard').")
 
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
@@ -186,6 +188,45 @@ def combine_case(k_count: int, params: int, topology_name: str, reps: int) -> di
     out[f"{name}_ms"] = 1e3 * statistics.median(times)
   out["dense_over_sparse"] = out["dense_ms"] / out["sparse_ms"]
   return out
+
+
+_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "f64": 8}
+
+
+def _collective_bytes(hlo: str) -> dict:
+  """Bytes each device receives per call, by collective, from a compiled (partitioned) HLO text.
+
+  A collective-permute receives its result; an all-gather receives its result minus the own
+  shard (counted whole here: an upper bound, exact up to a factor (n-1)/n).
+  """
+  out = {}
+  for op in ("collective-permute", "all-gather", "all-to-all", "all-reduce"):
+    total = 0
+    for dtype, dims in re.findall(r"= (\w+)\[([\d,]*)\][^=]*? " + op + r"(?:-start)?\(", hlo):
+      n = 1
+      for d in filter(None, dims.split(",")):
+        n *= int(d)
+      total += n * _DTYPE_BYTES.get(dtype, 4)
+    out[op] = total
+  return out
+
+
+def combine_bytes(k_count: int, params: int, topology_name: str) -> dict:
+  """Bytes moved per device by one combine of ``params`` floats per agent, agents sharded over
+  the local devices (read from the compiled program's collectives)."""
+  from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
+
+  from drt_jax import backends  # noqa: PLC0415
+  from drt_jax import topology as topology_lib  # noqa: PLC0415
+
+  split = NamedSharding(backends.agents_mesh(), PartitionSpec(backends.AGENTS))
+  topo = topology_lib.make(topology_name, k_count)
+  x = jax.device_put(jnp.zeros((k_count, params), jnp.float32), split)
+  hlo = jax.jit(combine_lib.combine, out_shardings=split).lower(x, topo).compile().as_text()
+  moved = _collective_bytes(hlo)
+  return {"topology": topology_name, "K": k_count, "devices": jax.local_device_count(),
+          "params_per_agent": params, "bytes_by_collective": moved,
+          "bytes_per_device": sum(moved.values()), "edges": topo.num_edges()}
 
 
 def _combine_table(rows: list) -> str:
@@ -416,10 +457,10 @@ def _settings() -> dict:
        "data_memory": FLAGS.data_memory,
        "data_memory_k": FLAGS.data_memory_k,
        "combine_ks": [int(k) for k in FLAGS.combine_ks], "combine_params": FLAGS.combine_params,
-       "combine_reps": FLAGS.combine_reps}
+       "combine_reps": FLAGS.combine_reps, "bytes_k": FLAGS.bytes_k}
   if FLAGS.smoke:
     s.update(models=["mlp"], ks=[2, 4], batch=4, steps=2, warmup=1, combine_ks=[8, 16],
-             combine_params=256, combine_reps=2,
+             combine_params=256, combine_reps=2, bytes_k=8,
              data_memory=FLAGS.data_memory and "synthetic")
   if s["steps"] < 1 or s["warmup"] < 0 or s["batch"] < 1 or min(s["ks"]) < 1:
     raise app.UsageError("--steps, --batch and --ks must be >= 1 and --warmup >= 0")
@@ -535,6 +576,17 @@ def main(argv):
     sink.write({"combine": combine_rows[-1]})
   if combine_rows:
     table += "\nThe combine alone (ring):\n\n" + _combine_table(combine_rows) + "\n"
+  moved = []
+  if s["bytes_k"] and jax.local_device_count() > 1:
+    for name in ("ring", "torus", "full"):
+      moved.append(combine_bytes(s["bytes_k"], s["combine_params"], name))
+      sink.write({"combine_bytes": moved[-1]})
+    table += "\n" + "\n".join(
+        f"bytes received per device by one combine, {m['topology']}, K = {m['K']} on "
+        f"{m['devices']} devices, {m['params_per_agent']:,} floats per agent: "
+        f"{m['bytes_per_device'] / 2**20:,.2f} MiB "
+        f"({', '.join(f'{k} {v / 2**20:,.2f}' for k, v in m['bytes_by_collective'].items() if v)})"
+        for m in moved) + "\n"
   memory = None
   if s["data_memory"]:
     memory = data_memory(s["data_memory"], s["data_memory_k"])
@@ -546,7 +598,8 @@ def main(argv):
       "compare": FLAGS.compare, "topology": FLAGS.topology, "host_devices": FLAGS.host_devices,
       "prune_below": FLAGS.prune_below,
       "case_budget_s": FLAGS.case_budget_s, "argv": sys.argv},
-      "rows": rows, "comparisons": comparisons, "combine": combine_rows, "data_memory": memory,
+      "rows": rows, "comparisons": comparisons, "combine": combine_rows, "combine_bytes": moved,
+      "data_memory": memory,
       "table": table}
   with open(FLAGS.out, "w") as f:
     json.dump(result, f, indent=2)

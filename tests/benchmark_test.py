@@ -64,6 +64,12 @@ class BenchmarkSmokeTest(absltest.TestCase):
       self.assertGreater(r["sparse_ms"], 0)
       self.assertAlmostEqual(r["dense_over_sparse"], r["dense_ms"] / r["sparse_ms"])
     self.assertIn("The combine alone (ring)", result["table"])
+    # Bytes moved by one sharded combine: the ring sends boundary agents only, the full graph all.
+    moved = {m["topology"]: m for m in result["combine_bytes"]}
+    ring, full = moved["ring"], moved["full"]
+    self.assertEqual(ring["bytes_by_collective"]["all-gather"], 0)
+    self.assertEqual(ring["bytes_per_device"], 2 * 256 * 4)  # one agent from each side
+    self.assertGreater(full["bytes_per_device"], 2 * ring["bytes_per_device"])
 
 
 if __name__ == "__main__":
