@@ -100,6 +100,21 @@ def per_agent(fn: Callable, backend: str, num_agents: int, chunk_size: int | Non
   return sharded
 
 
+def shardings(shapes, backend: str, num_agents: int, *, stacked: bool = True):
+  """The shardings :func:`place` would give a tree of these shapes (None: JAX's default)."""
+  if resolve(backend, num_agents) != "shard":
+    return None
+  mesh = agents_mesh()
+  split, replicated = (NamedSharding(mesh, PartitionSpec(AGENTS)),
+                       NamedSharding(mesh, PartitionSpec()))
+
+  def pick(x):
+    is_stacked = stacked and len(getattr(x, "shape", ())) >= 1 and x.shape[0] == num_agents
+    return split if is_stacked else replicated
+
+  return jax.tree.map(pick, shapes)
+
+
 def place(tree, backend: str, num_agents: int, *, stacked: bool = True):
   """Puts ``tree`` where the compiled step expects it, so the step compiles once.
 

@@ -389,13 +389,25 @@ def device_bytes(tree) -> int:
 
 
 def init_state(c, model: models.Model, alg: algorithms.Algorithm, topology) -> TrainState:
-  """Stacked variables (one shared initialisation unless ``same_init`` is off) and states."""
+  """Stacked variables (one shared initialisation unless ``same_init`` is off) and states.
+
+  Built by one jitted program whose outputs land where the step wants them: with the ``shard``
+  back-end every stacked leaf is created split over the agents mesh (its shape found with
+  ``jax.eval_shape``), so the K copies are never materialised whole on one device.
+  """
+  build = functools.partial(_init_state, c, model, alg, topology)
+  shapes = jax.eval_shape(build)
+  shardings = backends.shardings(shapes, c.backend, c.num_agents)
+  return jax.jit(build, out_shardings=shardings)()
+
+
+def _init_state(c, model, alg, topology) -> TrainState:
   root = jax.random.key(c.seed)
   k_init, k_sample = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
   if c.same_init:
     variables = _stack(model.init(k_init), c.num_agents)
   else:
-    variables = jax.jit(jax.vmap(model.init))(jax.random.split(k_init, c.num_agents))
+    variables = jax.vmap(model.init)(jax.random.split(k_init, c.num_agents))
   params = variables["params"]
   model_state = {k: v for k, v in variables.items() if k != "params"}
   return TrainState(params, model_state, alg.init(params, topology), jnp.zeros((), jnp.int32),

@@ -10,7 +10,7 @@ import optax
 from absl.testing import absltest, parameterized
 from jax.sharding import NamedSharding, PartitionSpec
 
-from drt_jax import algorithms, backends, combine, topology
+from drt_jax import algorithms, backends, combine, config, data, topology, train
 
 K = 16
 CIRCULANT = ("ring", "torus", "exponential", "one_peer_exponential", "full")
@@ -81,6 +81,19 @@ class CollectivesTest(parameterized.TestCase):
   def _params(self):
     return jax.device_put({"dense": {"kernel": jnp.ones((K, 40, 25)), "bias": jnp.ones((K, 25))}},
                           self.split)
+
+  def test_initial_state_is_created_split_over_the_mesh(self):
+    d = data.synthetic(num_train=256, num_test=16, shape=(4, 4, 1), seed=0)
+    c = config.resolve({"num_agents": K, "model": "mlp", "model_options": {"hidden": (8,)},
+                        "backend": "shard", "algorithm": "drt", "same_init": False})
+    model, alg = train.make_model(c, d), train.make_algorithm(c)
+    state = train.init_state(c, model, alg, train.make_topology(c))
+    n = jax.local_device_count()
+    for leaf in jax.tree.leaves((state.params, state.alg_state)):
+      if leaf.ndim and leaf.shape[0] == K:
+        self.assertEqual(leaf.sharding.spec, PartitionSpec(backends.AGENTS))
+        self.assertEqual(leaf.addressable_shards[0].data.shape[0], K // n)
+    self.assertEqual(state.key.sharding.spec, PartitionSpec())
 
   @parameterized.parameters("ring", "torus")
   def test_combine_uses_collective_permute_only(self, kind):
