@@ -42,7 +42,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("host_devices", 8, "Virtual CPU devices ('shard').")
 
 
-TUNE_LEARNING_RATES = (0.003, 0.01, 0.03, 0.1)
+TUNE_LEARNING_RATES = (0.003, 0.01, 0.03, 0.1, 0.3)
 TUNE_STRENGTHS = (0.5, 1.0, 2.0)
 TUNE_STEPS = 315  # 3 local epochs
 SEEDS = (0, 1, 2)
