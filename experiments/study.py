@@ -43,7 +43,7 @@ def define_flags() -> None:
 
 
 TUNE_LEARNING_RATES = (0.003, 0.01, 0.03, 0.1, 0.3)
-TUNE_STRENGTHS = (0.5, 1.0, 2.0)
+TUNE_STRENGTHS = (0.5, 1.0, 2.0, 4.0)
 TUNE_STEPS = 315  # 3 local epochs
 SEEDS = (0, 1, 2)
 DIFFUSION = ("atc", "drt", "drt_symmetric", "drt_normalized", "dsgd")
@@ -192,11 +192,17 @@ def report(out: str) -> str:
   parts = []
   tune_rows = _tune_rows(out)
   if tune_rows:
-    lines = ["| method | learning rate | DRT strength | final val acc |", "|---|---|---|---|"]
-    for r in tune_rows:
-      o = r["overrides"]
+    lines = ["| method | learning rate | DRT strength | final val acc | final test acc | "
+             "mean self-weight |", "|---|---|---|---|---|---|"]
+    order = sorted(tune_rows, key=lambda r: (list(METHODS).index(r["overrides"]["method"]),
+                                             r["overrides"].get("drt.strength", 1.0),
+                                             r["overrides"]["learning_rate"]))
+    for r in order:
+      o, f = r["overrides"], r["final"]
+      sw = f.get("self_weight_mean")
       lines.append(f"| {o['method']} | {o['learning_rate']} | {o.get('drt.strength', '–')} | "
-                   f"{_score(r):.4f} |")
+                   f"{_score(r):.4f} | {f['test_acc_mean']:.4f} | "
+                   f"{'–' if sw is None else format(sw, '.3f')} |")
     parts.append("### Tuning (validation split, seed 0, 3 local epochs)\n\n" + "\n".join(lines))
     settings = tuned_settings(tune_rows)
     parts.append("### Chosen\n\n" + "\n".join(f"- {m}: {json.dumps(s)}"
