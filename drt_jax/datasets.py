@@ -109,6 +109,11 @@ def load(name: str, *, data_dir: str | os.PathLike | None = None, download: bool
   Raises:
     ValueError: unknown name or source, or a dataset that is not image classification.
     DatasetUnavailableError: the dataset is not available (offline) or cannot be read.
+
+  Example::
+
+    d = drt_jax.datasets.load("fashion_mnist")     # offline: the embedded copy
+    d.train_images.shape, d.num_classes            # (60000, 28, 28, 1), 10
   """
   if source not in SOURCES:
     raise ValueError(f"unknown source {source!r}; expected one of: {', '.join(SOURCES)}")

@@ -187,7 +187,14 @@ NAMES = tuple(sorted(_MODELS))  # the names make() accepts
 
 def make(name: str, num_classes: int = 10, input_shape: Sequence[int] | None = None,
          **kw) -> Model:
-  """The named model (``resnet20``, ``cnn``, ``mlp``); ``kw`` go to its module constructor."""
+  """The named model (``resnet20``, ``cnn``, ``mlp``); ``kw`` go to its module constructor.
+
+  Example::
+
+    model = drt_jax.models.make("cnn", 10, input_shape=(28, 28, 1), dtype=jnp.bfloat16)
+    variables = model.init(jax.random.key(0))           # float32 parameters
+    logits, new_state = model.apply(variables, x, True)  # float32 logits [B, 10]
+  """
   if name not in _MODELS:
     raise ValueError(f"unknown model {name!r}; expected one of: {', '.join(NAMES)}")
   cls, default_shape = _MODELS[name]

@@ -75,6 +75,11 @@ def make(kind: str, labels, num_agents: int, *, seed: int = 0, alpha: float = 0.
 
   ``alpha`` is used by ``dirichlet`` only and ``classes_per_agent`` by ``shards`` only;
   ``min_per_agent`` (default :func:`default_min_per_agent`) is honoured by every kind.
+
+  Example::
+
+    parts = drt_jax.partition.make("dirichlet", d.train_labels, 16, alpha=0.3, seed=0)
+    hist = drt_jax.partition.label_histogram(parts, d.train_labels, 10)  # [16, 10] counts
   """
   if kind not in KINDS:
     raise ValueError(f"unknown partition kind {kind!r}; use one of: {', '.join(KINDS)}")
