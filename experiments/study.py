@@ -164,14 +164,14 @@ def final(base, out: str, smoke: bool):
   return rows
 
 
-def _tune_rows(out):
+def _tune_rows(out, status="ok"):
   rows = sweep.read_rows(os.path.join(out, "tune.jsonl"))
   for r in rows:  # the method a tuning row belongs to, recovered from its overrides
     o = r["overrides"]
     for m, defn in METHODS.items():
       if tuned_as(m) == m and all(o.get(k) == v for k, v in defn.items()):
         r["overrides"] = {**o, "method": m}
-  return [r for r in rows if r.get("status") == "ok"]
+  return [r for r in rows if r.get("status") == status]
 
 
 def _final_rows(out):
@@ -194,14 +194,19 @@ def report(out: str) -> str:
   if tune_rows:
     lines = ["| method | learning rate | DRT strength | final val acc | final test acc | "
              "mean self-weight |", "|---|---|---|---|---|---|"]
-    order = sorted(tune_rows, key=lambda r: (list(METHODS).index(r["overrides"]["method"]),
-                                             r["overrides"].get("drt.strength", 1.0),
-                                             r["overrides"]["learning_rate"]))
+    shown = tune_rows + _tune_rows(out, status="diverged")
+    order = sorted(shown, key=lambda r: (list(METHODS).index(r["overrides"]["method"]),
+                                         r["overrides"].get("drt.strength", 1.0),
+                                         r["overrides"]["learning_rate"]))
     for r in order:
-      o, f = r["overrides"], r["final"]
+      o = r["overrides"]
+      head = f"| {o['method']} | {o['learning_rate']} | {o.get('drt.strength', '–')} | "
+      if r["status"] != "ok":
+        lines.append(head + "diverged | – | – |")
+        continue
+      f = r["final"]
       sw = f.get("self_weight_mean")
-      lines.append(f"| {o['method']} | {o['learning_rate']} | {o.get('drt.strength', '–')} | "
-                   f"{_score(r):.4f} | {f['test_acc_mean']:.4f} | "
+      lines.append(head + f"{_score(r):.4f} | {f['test_acc_mean']:.4f} | "
                    f"{'–' if sw is None else format(sw, '.3f')} |")
     parts.append("### Tuning (validation split, seed 0, 3 local epochs)\n\n" + "\n".join(lines))
     settings = tuned_settings(tune_rows)

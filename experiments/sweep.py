@@ -2,7 +2,8 @@ r"""Sweeps: one training run per point of a grid of config overrides, in one pro
 
 Each finished run appends one JSON line to ``--out``: its key (the sorted JSON of its overrides),
 the overrides, the full resolved config, the history (scalar metrics of every evaluation), the
-final row, the best ``test_acc_mean``, the wall time and ``status`` ("ok" or "error"). A rerun
+final row, the best ``test_acc_mean``, the wall time and ``status``: "ok", "diverged" (NaN/Inf:
+a result of the point, not retried) or "error" (retried). A rerun
 with the same ``--out`` skips the points that already have an ok row and retries the failed ones.
 Runs of the same shapes share one compiled step (seeds, learning rates, DRT strengths,
 topology weights), so a sweep over seeds compiles once.
@@ -42,6 +43,7 @@ from ml_collections import config_flags
 from drt_jax import backends, train
 from drt_jax import config as config_lib
 
+FINISHED = ("ok", "diverged")  # statuses a rerun skips
 GRID_FORM = "field=v1,v2,... (e.g. --grid=seed=0,1 or --grid=drt.strength=0.5,1.0)"
 
 
@@ -198,7 +200,7 @@ def run(base, overrides_list: Sequence[Mapping], out: str, *, workdir_root: str 
     One row per distinct point, in order: the stored one for skipped points, else the new one.
   """
   check(base, overrides_list)
-  done = {r["key"]: r for r in read_rows(out) if r.get("status") == "ok" and "key" in r}
+  done = {r["key"]: r for r in read_rows(out) if r.get("status") in FINISHED and "key" in r}
   todo, results = [], {}
   for overrides in overrides_list:
     key = run_key(overrides)
@@ -224,6 +226,9 @@ def run(base, overrides_list: Sequence[Mapping], out: str, *, workdir_root: str 
     start = time.perf_counter()
     try:
       row.update(train_one(config, workdir, metrics))
+    except FloatingPointError as e:  # the point diverges: its result, not a failure to retry
+      logging.warning("run %s diverged: %s", key, _one_line(e))
+      row.update(status="diverged", error=_one_line(e), wall_time_s=time.perf_counter() - start)
     except Exception as e:  # one failing point must not end the sweep
       logging.exception("run %s failed", key)
       row.update(status="error", error=_one_line(e), wall_time_s=time.perf_counter() - start)

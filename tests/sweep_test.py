@@ -200,6 +200,17 @@ class SweepTest(_TempDirs):
         k: rows[1]["final"][k] for k in ("steps_per_sec", "wall_time")})
     self.assertLen(_lines(out), 4)
 
+  def test_a_diverging_point_is_a_result_and_not_retried(self):
+    out = os.path.join(self._tmp(), "sweep.jsonl")
+    point = {"learning_rate": 1e30}  # NaN at once
+    with self.assertLogs("absl", level="WARNING"):
+      rows = sweep.run(BASE, [point], out)
+    self.assertEqual(rows[0]["status"], "diverged")
+    self.assertIn("FloatingPointError: non-finite", rows[0]["error"])
+    again = sweep.run(BASE, [point], out)  # skipped: no new line
+    self.assertEqual(again, rows)
+    self.assertLen(_lines(out), 1)
+
   def test_a_line_cut_short_is_ignored_and_not_appended_to(self):
     out = os.path.join(self._tmp(), "sweep.jsonl")
     with open(out, "w") as f:
