@@ -616,7 +616,9 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
   place = functools.partial(backends.place, backend=c.backend, num_agents=c.num_agents,
                             stacked=False)
   dev = dev._replace(**place(dict(images=dev.images, labels=dev.labels, mean=dev.mean,
-                                  std=dev.std)))
+                                  std=dev.std)),
+                     **backends.place(dict(idx=dev.idx, counts=dev.counts), c.backend,
+                                      c.num_agents))  # each device holds its agents' lists
   topo = dataclasses.replace(topo, **place({"nbr_idx": topo.nbr_idx, "nbr_w": topo.nbr_w}))
   eval_sets = place(eval_sets)
   bytes_sent = metrics_lib.bytes_per_agent_step(topo, metrics_lib.tree_bytes(state.params),
