@@ -16,34 +16,17 @@ The same setting as ``fashion_mnist.py`` on MNIST. Smoke variant (seconds):
       --workdir=/tmp/mnist_smoke
 """
 
-from drt_jax import config as config_lib
+import importlib.util
+import os
 
-DATASET = "mnist"
+_SPEC = importlib.util.spec_from_file_location(
+    "fashion_mnist_config", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                         "fashion_mnist.py"))
+_STUDY = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(_STUDY)
 
 
 def get_config(arg=None):
-  c = config_lib.default_config()
-  c.dataset = DATASET
-  c.num_agents = 16
-  c.topology = "ring"
-  c.model = "cnn"
-  c.model_options.features = (8, 16)
-  c.model_options.hidden = 96
-  c.validation_fraction = 0.1
-  c.partition = "dirichlet"
-  c.dirichlet_alpha = 0.3
-  c.optimizer = "momentum"
-  c.learning_rate = 0.01
-  c.batch_size = 32
-  c.num_steps = 1050
-  c.eval_every = 210
-  c.eval_examples = 2000
-  c.train_eval_examples = 2000
-  c.compare = ("drt", "atc")
-  if arg == "smoke":
-    c.num_agents, c.num_steps, c.eval_every = 4, 4, 2
-    c.eval_examples = c.train_eval_examples = 64
-    c.model_options.features, c.model_options.hidden = (4, 8, 8), 16
-  elif arg:
-    raise ValueError(f"unknown variant {arg!r}; expected: smoke (or none)")
+  c = _STUDY.get_config(arg)
+  c.dataset = "mnist"
   return c
