@@ -608,7 +608,7 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
                                  c.seed + 2)
   sizes = {k: int(np.sum(np.asarray(v.mask))) for k, v in eval_sets.items()}
 
-  state = backends.place(init_state(c, net, alg, topo), c.backend, c.num_agents)
+  state = init_state(c, net, alg, topo)  # created with the step's shardings
   bad = np.flatnonzero(~np.asarray(agents_finite(state.params)))
   if bad.size:
     raise ValueError(f"the initial parameters are not finite on agents {bad.tolist()}; check "
