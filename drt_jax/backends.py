@@ -48,6 +48,17 @@ def resolve(backend: str, num_agents: int) -> str:
   return "shard" if n > 1 and num_agents % n == 0 else "vmap"
 
 
+def best_conv(conv: str = "auto") -> str:
+  """The convolution formulation (``models.CONVS``) ``auto`` stands for on this platform.
+
+  Measured with ``experiments/agent_conv.py`` and ``experiments/benchmark.py --conv``
+  (docs/performance.md).
+  """
+  if conv != "auto":
+    return conv
+  return "xla"
+
+
 def agents_mesh() -> Mesh:
   """A 1-D mesh of the local devices with axis ``agents``."""
   return Mesh(np.array(jax.local_devices()), (AGENTS,))

@@ -47,6 +47,10 @@ def default_config() -> ml_collections.ConfigDict:
   # Compute dtype of the model: 'float32', or 'bfloat16' (mixed precision: parameters, optimizer
   # state, gradients' accumulation into them and the combination stay float32).
   c.precision = "float32"
+  # How convolutions are computed, same parameters either way: 'xla', 'taps' (one matrix
+  # product per kernel tap; see models.shifted_matmul_conv) or 'auto' (the measured-best for the
+  # platform: backends.best_conv).
+  c.conv = "auto"
   c.same_init = True  # all agents start from one initialisation
   # Local optimizer (state local to each agent).
   c.optimizer = "sgd"  # one of OPTIMIZERS
@@ -127,6 +131,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _one_of(c, "algorithm", algorithms.NAMES)
   _one_of(c, "optimizer", OPTIMIZERS)
   _one_of(c, "precision", PRECISIONS)
+  _one_of(c, "conv", ("auto",) + models.CONVS)
   _one_of(c, "backend", backends.BACKENDS)
   for field in ("num_agents", "batch_size", "comm_every", "eval_batch_size"):
     if not isinstance(c[field], int) or c[field] < 1:

@@ -17,6 +17,10 @@ These functions see one agent. The system vmaps them over the leading agent axis
 statistics and one agent's batch never touches another's.
 
 ``dtype`` (e.g. ``jnp.bfloat16``) sets the compute dtype; parameters stay float32.
+
+``conv`` chooses how the convolutional models compute a convolution, with the same parameters
+either way: ``'xla'`` (``lax.conv_general_dilated``; vmapped over agents it becomes a grouped
+convolution) or ``'taps'`` (:func:`shifted_matmul_conv`; vmapped, batched matrix products).
 """
 
 import functools
@@ -29,6 +33,55 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
+CONVS = ("xla", "taps")  # formulations of a convolution (see the module docstring)
+
+
+def shifted_matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                        dimension_numbers=None, feature_group_count=1, precision=None,
+                        preferred_element_type=None):
+  r"""A 2-D convolution as one matrix product per kernel tap, a drop-in for flax's ``nn.Conv``.
+
+  .. math:: y[b, i, j, :] = \sum_{u, v} x_{\mathrm{pad}}[b, s_h i + u, s_w j + v, :]\, W[u, v]
+
+  With ``x`` NHWC and ``W`` HWIO (flax's layout). One agent's convolution this way is the same
+  function as ``lax.conv_general_dilated``; K agents' (under ``vmap``) become
+  ``kh·kw`` batched matrix products ``[K, B·H·W, C] × [K, C, D]`` instead of a grouped
+  convolution. Products accumulate in float32. Dilated or grouped convolutions, which the models
+  here do not use, go to ``lax.conv_general_dilated``.
+
+  Example::
+
+    conv = nn.Conv(16, (3, 3), conv_general_dilated=shifted_matmul_conv)
+  """
+  del dimension_numbers  # flax passes channels-last numbers, which is what this computes
+  dilated = any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
+  if lhs.ndim != 4 or feature_group_count != 1 or dilated:
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+        jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")),
+        feature_group_count, precision=precision, preferred_element_type=preferred_element_type)
+  kh, kw = rhs.shape[:2]
+  sh, sw = window_strides
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), window_strides, padding)
+  x = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  ho, wo = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+  out = 0.0
+  for u in range(kh):
+    for v in range(kw):
+      patch = jax.lax.slice(x, (0, u, v, 0), (x.shape[0], u + sh * (ho - 1) + 1,
+                                              v + sw * (wo - 1) + 1, x.shape[3]), (1, sh, sw, 1))
+      out = out + jnp.einsum("bhwc,cd->bhwd", patch, rhs[u, v], precision=precision,
+                             preferred_element_type=jnp.float32)
+  return out.astype(preferred_element_type or jnp.result_type(lhs, rhs))
+
+
+def _conv_cls(conv: str):
+  if conv not in CONVS:
+    raise ValueError(f"unknown conv {conv!r}; expected one of: {', '.join(CONVS)}")
+  if conv == "xla":
+    return nn.Conv
+  return functools.partial(nn.Conv, conv_general_dilated=shifted_matmul_conv)
 
 
 class Model(NamedTuple):
@@ -90,10 +143,11 @@ class _BasicBlock(nn.Module):
   features: int
   strides: int = 1
   dtype: Dtype | None = None
+  conv: str = "xla"
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+    conv = functools.partial(_conv_cls(self.conv), use_bias=False, dtype=self.dtype,
                              kernel_init=nn.initializers.kaiming_normal())
     bn = functools.partial(_batch_norm, train, self.dtype)
     y = conv(self.features, (3, 3), self.strides)(x)
@@ -116,17 +170,18 @@ class ResNet20(nn.Module):
   stage_sizes: Sequence[int] = (3, 3, 3)
   widths: Sequence[int] = (16, 32, 64)
   dtype: Dtype | None = None
+  conv: str = "xla"  # one of CONVS
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = _as_input(x, self.dtype)
-    x = nn.Conv(self.widths[0], (3, 3), use_bias=False, dtype=self.dtype,
+    x = _conv_cls(self.conv)(self.widths[0], (3, 3), use_bias=False, dtype=self.dtype,
                 kernel_init=nn.initializers.kaiming_normal())(x)
     x = nn.relu(_batch_norm(train, self.dtype)(x))
     for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
       for block in range(blocks):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = _BasicBlock(width, strides, self.dtype)(x, train)
+        x = _BasicBlock(width, strides, self.dtype, self.conv)(x, train)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
@@ -145,12 +200,13 @@ class CNN(nn.Module):
   hidden: int = 96
   batch_norm: bool = False
   dtype: Dtype | None = None
+  conv: str = "xla"  # one of CONVS
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = _as_input(x, self.dtype)
     for i, width in enumerate(self.features):
-      x = nn.Conv(width, (3, 3), use_bias=not self.batch_norm, dtype=self.dtype)(x)
+      x = _conv_cls(self.conv)(width, (3, 3), use_bias=not self.batch_norm, dtype=self.dtype)(x)
       if self.batch_norm:
         x = _batch_norm(train, self.dtype)(x)
       x = nn.relu(x)
@@ -183,6 +239,7 @@ _MODELS = {
     "mlp": (MLP, (28, 28, 1)),
 }
 NAMES = tuple(sorted(_MODELS))  # the names make() accepts
+CONV_MODELS = ("cnn", "resnet20")  # those with a ``conv`` option
 
 
 def make(name: str, num_classes: int = 10, input_shape: Sequence[int] | None = None,
