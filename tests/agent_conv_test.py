@@ -1,0 +1,46 @@
+"""experiments/agent_conv.py: every formulation of the per-agent convolution is one function."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest, parameterized
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "experiments"))
+import agent_conv  # noqa: E402
+
+
+class AgentConvTest(parameterized.TestCase):
+
+  @parameterized.parameters("grouped", "padded32", "taps")
+  def test_matches_a_loop_over_agents(self, name):
+    k1, k2 = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(k1, (3, 2, 6, 6, 5))
+    w = jax.random.normal(k2, (3, 3, 3, 5, 7))
+    want = np.stack([np.asarray(agent_conv.conv(x[i], w[i])) for i in range(3)])
+    got = agent_conv.formulation(name)(x, w)
+    self.assertEqual(got.shape, want.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # And so is its gradient (what a training step runs).
+    g = jnp.ones_like(got)
+    ref = agent_conv.value_and_grads(agent_conv.grouped)(x, w, g)
+    out = agent_conv.value_and_grads(agent_conv.formulation(name))(x, w, g)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+  def test_single_uses_one_kernel_for_all_agents(self):
+    x = jax.random.normal(jax.random.key(1), (2, 2, 4, 4, 3))
+    w = jnp.stack([jnp.ones((3, 3, 3, 2)), jnp.zeros((3, 3, 3, 2))])
+    out = agent_conv.single(x, w)
+    np.testing.assert_allclose(out[1], agent_conv.conv(x[1], w[0]), rtol=1e-5, atol=1e-5)
+
+  def test_unknown_formulation_is_one_line(self):
+    with self.assertRaisesRegex(Exception, "unknown 'im2col'; expected single, grouped"):
+      agent_conv.formulation("im2col")
+
+
+if __name__ == "__main__":
+  absltest.main()
