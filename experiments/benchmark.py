@@ -60,6 +60,8 @@ flags.DEFINE_list("ks", ["4", "16", "64"], "Numbers of agents K.")
 flags.DEFINE_integer("batch", 32, "Images per agent per step (B).")
 flags.DEFINE_integer("steps", 10, "Timed steps per case (after warm-up).")
 flags.DEFINE_integer("warmup", 2, "Untimed steps per case after compilation.")
+flags.DEFINE_list("baselines", ["single", "loop"], "Reference rows to time: 'single' (the "
+                  "ceiling; ratios are to it) and 'loop' (K jitted single-agent steps).")
 flags.DEFINE_list("backends", ["vmap", "chunked", "map", "shard"], "Library back-ends to time.")
 flags.DEFINE_integer("chunk_size", 4, "Agents per group for 'chunked' (min(chunk_size, K)).")
 flags.DEFINE_string("algorithm", "atc", "Algorithm of the back-end rows.")
@@ -84,6 +86,10 @@ flags.DEFINE_integer("combine_params", 50_000, "Floats per agent in the combine 
 flags.DEFINE_integer("combine_reps", 5, "Timed calls per combine case (median reported).")
 flags.DEFINE_integer("bytes_k", 64, "K of the bytes-moved lines (ring, torus, full; agents "
                      "sharded over the local devices; 0 skips).")
+flags.DEFINE_enum("conv", "auto", ["auto", "xla", "taps"], "Convolution formulation of the "
+                  "conv models (drt_jax.models.CONVS; 'auto': backends.best_conv).")
+flags.DEFINE_integer("scan_steps", 0, "If > 1, also time the best back-end with this many "
+                     "steps fused into one dispatch by lax.scan (row 'scanN:<best>').")
 flags.DEFINE_integer("host_devices", 1, "If > 1, virtual CPU devices to create (for 'shard').")
 
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
@@ -105,10 +111,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from drt_jax import (  # noqa: E402
+  backends,  # noqa: E402
+  models,
+  train,
+)
 from drt_jax import combine as combine_lib  # noqa: E402
 from drt_jax import config as config_lib  # noqa: E402
 from drt_jax import data as data_lib  # noqa: E402
-from drt_jax import models, train  # noqa: E402
 
 
 class Measured(NamedTuple):
@@ -274,25 +284,41 @@ class Case(NamedTuple):
   batch: int
 
 
-def library_case(case: Case, backend: str, chunk_size: int, algorithm: str, run_kw: dict):
+def library_case(case: Case, backend: str, chunk_size: int, algorithm: str, run_kw: dict,
+                 scan_steps: int = 1):
+  """The library's train step; with ``scan_steps`` > 1, that many steps per call under
+  ``lax.scan`` (one dispatch), timed per step."""
   c = config_lib.resolve({
       "num_agents": case.k_count, "batch_size": case.batch, "backend": backend,
       "model": case.model_name, "chunk_size": chunk_size if backend == "chunked" else 0,
       "algorithm": algorithm, "topology": FLAGS.topology, "learning_rate": FLAGS.learning_rate,
-      "precision": FLAGS.precision})
+      "precision": FLAGS.precision, "conv": FLAGS.conv})
   model, alg = train.make_model(c, case.data), train.make_algorithm(c)
   topo = jax.device_put(train.make_topology(c))
   dev = _device_data(case.data, case.k_count)
   data_lib.check_batch(np.asarray(dev.counts), case.batch)
   state = train.init_state(c, model, alg, topo)
-  compiled, compile_s = _compile(train.build_programs(c, model, alg).train_step, state, topo, dev)
+  train_step = train.build_programs(c, model, alg).train_step
+  if scan_steps > 1:
+    one_step = train_step
+
+    def fused(s, topo, dev):
+      def body(s, _):
+        s, m = one_step(s, topo, dev)
+        return s, m["loss"]
+
+      s, losses = jax.lax.scan(body, s, None, length=scan_steps)
+      return s, {"loss": losses[-1]}
+
+    train_step = jax.jit(fused, donate_argnums=(0,))
+  compiled, compile_s = _compile(train_step, state, topo, dev)
 
   def step(s):
     s, m = compiled(s, topo, dev)
     return s, m["loss"]
 
   times, loss = _run(step, state, **run_kw)
-  return Measured(compile_s, times, _xla_bytes(compiled), loss)
+  return Measured(compile_s, [t / scan_steps for t in times], _xla_bytes(compiled), loss)
 
 
 class _SingleState(NamedTuple):
@@ -412,7 +438,8 @@ def _table(machine: dict, rows: list, comparisons: list) -> str:
   lines = [
       f"### drt_jax training throughput on {machine['host']} ({machine['platform']}, "
       f"{machine['local_device_count']}× {machine['device_kind']}, {machine['cpu_count']} CPUs, "
-      f"jax {machine['jax']}, {machine['date']}), {FLAGS.precision} compute", "",
+      f"jax {machine['jax']}, {machine['date']}), {FLAGS.precision} compute, "
+      f"conv {backends.best_conv(FLAGS.conv)}", "",
       "| model | K | variant | img/s | × single | step ms | compile s | peak MB | XLA MB |",
       "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
@@ -454,6 +481,7 @@ class _Sink:
 def _settings() -> dict:
   s = {"models": FLAGS.models, "ks": [int(k) for k in FLAGS.ks], "batch": FLAGS.batch,
        "steps": FLAGS.steps, "warmup": FLAGS.warmup, "precision": FLAGS.precision,
+       "conv": FLAGS.conv,
        "data_memory": FLAGS.data_memory,
        "data_memory_k": FLAGS.data_memory_k,
        "combine_ks": [int(k) for k in FLAGS.combine_ks], "combine_params": FLAGS.combine_params,
@@ -468,6 +496,9 @@ def _settings() -> dict:
   if unknown:
     raise app.UsageError(f"--models: unknown {unknown[0]!r}; expected some of "
                          f"{', '.join(_SHAPES)}")
+  bad = sorted(set(FLAGS.baselines) - {"single", "loop"})
+  if bad:
+    raise app.UsageError(f"--baselines: unknown {bad[0]!r}; expected some of single, loop")
   bad = sorted(set(FLAGS.backends) - set(_BACKENDS))
   if bad:
     raise app.UsageError(f"--backends: unknown {bad[0]!r}; expected some of "
@@ -500,8 +531,10 @@ def measure(case: Case, run_kw: dict, sink: _Sink, pruned: dict) -> tuple[list, 
     sink.write(row)
     return row
 
-  record("single", lambda: single_case(case, run_kw))
-  record("loop", lambda: loop_case(case, run_kw))
+  if "single" in FLAGS.baselines:
+    record("single", lambda: single_case(case, run_kw))
+  if "loop" in FLAGS.baselines:
+    record("loop", lambda: loop_case(case, run_kw))
   chunk = min(FLAGS.chunk_size, case.k_count)
   timed = []
   for backend in FLAGS.backends:
@@ -522,9 +555,16 @@ def measure(case: Case, run_kw: dict, sink: _Sink, pruned: dict) -> tuple[list, 
       if row["ratio_vs_single"] is not None and row["ratio_vs_single"] < FLAGS.prune_below:
         pruned[backend] = f"x{row['ratio_vs_single']:.2f} of single at K={case.k_count}"
 
-  if not (FLAGS.compare and timed):
+  if not timed:
     return rows, None
   best = max(timed, key=lambda r: r["img_s"])
+  if FLAGS.scan_steps > 1:
+    record(f"scan{FLAGS.scan_steps}:{best['variant']}",
+           lambda: library_case(case, best["backend"], chunk, FLAGS.algorithm, run_kw,
+                                FLAGS.scan_steps),
+           backend=best["backend"], algorithm=FLAGS.algorithm)
+  if not FLAGS.compare:
+    return rows, None
   row = record(f"{FLAGS.compare}:{best['variant']}",
                lambda: library_case(case, best["backend"], chunk, FLAGS.compare, run_kw),
                backend=best["backend"], algorithm=FLAGS.compare)
@@ -560,8 +600,10 @@ def main(argv):
     shape = _SHAPES[model_name]
     d = data_lib.synthetic(num_train=max(1024, 4 * max(s["ks"]) * s["batch"]), num_test=16,
                            shape=shape, seed=0)
-    dtype = {} if FLAGS.precision == "float32" else {"dtype": jnp.dtype(FLAGS.precision)}
-    model = models.make(model_name, d.classes, input_shape=shape, **dtype)
+    options = {} if FLAGS.precision == "float32" else {"dtype": jnp.dtype(FLAGS.precision)}
+    if model_name in models.CONV_MODELS:
+      options["conv"] = backends.best_conv(FLAGS.conv)
+    model = models.make(model_name, d.classes, input_shape=shape, **options)
     pruned = {}
     for k_count in sorted(s["ks"]):
       case = Case(model_name, model, d, k_count, s["batch"])
@@ -594,10 +636,10 @@ def main(argv):
     table += "\n" + _data_memory_line(memory) + "\n"
   print(table)
   result = {"machine": machine, "settings": s, "flags": {
-      "backends": FLAGS.backends, "chunk_size": FLAGS.chunk_size, "algorithm": FLAGS.algorithm,
-      "compare": FLAGS.compare, "topology": FLAGS.topology, "host_devices": FLAGS.host_devices,
-      "prune_below": FLAGS.prune_below,
-      "case_budget_s": FLAGS.case_budget_s, "argv": sys.argv},
+      "baselines": FLAGS.baselines, "backends": FLAGS.backends, "chunk_size": FLAGS.chunk_size,
+      "algorithm": FLAGS.algorithm, "compare": FLAGS.compare, "scan_steps": FLAGS.scan_steps,
+      "topology": FLAGS.topology, "host_devices": FLAGS.host_devices,
+      "prune_below": FLAGS.prune_below, "case_budget_s": FLAGS.case_budget_s, "argv": sys.argv},
       "rows": rows, "comparisons": comparisons, "combine": combine_rows, "combine_bytes": moved,
       "data_memory": memory,
       "table": table}

@@ -1,43 +1,73 @@
 #!/usr/bin/env bash
 # The accelerator benchmark as one prepared script (about 8 minutes on one H100), most important
 # case first; every case is appended to $OUT/<name>.jsonl as soon as it finishes, so a run cut
-# short keeps what it measured. Synthetic data, no tensorflow-datasets import.
+# short keeps what it measured. Synthetic data, no tensorflow-datasets import. BUDGET_S (default
+# 480) bounds the whole script: each case gets at most what is left of it.
 #
 #   OUT=/tmp/bench bash experiments/gpu_bench.sh [path/to/anchor_bench.py]
 #
 # Needs jax with its GPU/TPU plugin, flax, optax, chex, absl-py, ml_collections and matplotlib
 # (orbax and tensorflow-datasets are not imported). An optional first argument runs a PyTorch
-# per-agent-loop anchor script afterwards, for the record beside these numbers.
+# per-agent-loop anchor script (K = 64, 32 img/agent) after the first cases, for the record
+# beside these numbers.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/drt_jax_bench}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-bench() {  # name, then benchmark flags
-  local name="$1"; shift
-  echo "=== $name: $*"
-  timeout "${CASE_TIMEOUT:-150}" "$PY" experiments/benchmark.py --data_memory= --combine_ks= \
-    --out "$OUT/$name.json" "$@" 2>&1 | grep -E "^\||img/s|error|Error" | tail -30
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
+END=$(( $(date +%s) + ${BUDGET_S:-480} ))
+left() {  # seconds left for a case capped at $1, or nothing if under 20 s remain
+  local left=$(( END - $(date +%s) )) cap="$1"
+  (( left < 20 )) && return 1
+  echo $(( left < cap ? left : cap ))
 }
-"$PY" -c "import jax; print(jax.devices())"
-# 1. ResNet-20, K = 64, 32 img/agent: fp32 and bf16 against the single model (the targets).
-bench resnet20_k64_fp32 --models resnet20 --ks 64 --backends vmap,map --steps 10 --warmup 2 \
-  --case_budget_s 15
-bench resnet20_k64_bf16 --models resnet20 --ks 64 --backends vmap --precision bfloat16 \
-  --steps 10 --warmup 2 --case_budget_s 15
-# 2. Scaling in K (fp32 and bf16), and 1,024 agents with 16 img/agent.
-bench resnet20_k16_256_bf16 --models resnet20 --ks 16,256 --backends vmap --precision bfloat16 \
-  --steps 5 --warmup 1 --case_budget_s 10
-bench resnet20_k1024_b16 --models resnet20 --ks 1024 --batch 16 --backends vmap \
-  --precision bfloat16 --steps 3 --warmup 1 --case_budget_s 10 --compare=
-# 3. The small CNN, and the combine alone up to K = 1,024.
-bench cnn_k64_256 --models cnn --ks 64,256 --backends vmap --steps 10 --warmup 2 \
-  --case_budget_s 10
-timeout 120 "$PY" experiments/benchmark.py --models mlp --ks 4 --backends vmap --steps 2 \
-  --warmup 1 --compare= --data_memory= --combine_ks 16,64,256,1024 --out "$OUT/combine.json" \
-  2>&1 | grep -A8 "combine alone"
-if [[ $# -ge 1 && -f "$1" ]]; then
-  echo "=== anchor: $1"
-  timeout 180 "$PY" "$1" 2>&1 | tail -20 | tee "$OUT/anchor.txt"
+bench() {  # name, cap in seconds, then benchmark flags
+  local name="$1" cap="$2" t; shift 2
+  t=$(left "$cap") || { echo "=== $name: skipped (budget spent)"; return; }
+  echo "=== $name (<= ${t}s): $*"
+  timeout "$t" "$PY" experiments/benchmark.py --data_memory= --combine_ks= \
+    --out "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
+  grep -E "^\||rror" "$OUT/$name.log" | tail -20
+}
+"$PY" -c "import jax, flax, optax; print(jax.devices(), jax.__version__, flax.__version__, \
+optax.__version__)"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null
+# 0. Preflight (seconds): stop at once if the library does not run with this jax.
+if ! timeout 90 "$PY" experiments/benchmark.py --smoke --backends vmap,map --out "$OUT/smoke.json" \
+    > "$OUT/smoke.log" 2>&1; then
+  tail -25 "$OUT/smoke.log"; echo "preflight failed"; exit 1
 fi
+# 1. ResNet-20, K = 64, 32 img/agent: fp32 and bf16 against the single model (the targets),
+#    DRT against ATC, and 4 steps fused per dispatch.
+bench r20_k64_fp32 110 --models resnet20 --ks 64 --backends vmap,map --steps 10 --warmup 2 \
+  --case_budget_s 8 --conv xla
+bench r20_k64_bf16 110 --models resnet20 --ks 64 --backends vmap --precision bfloat16 \
+  --steps 10 --warmup 2 --case_budget_s 8 --conv xla --scan_steps 4
+# 2. The per-agent convolution alone: grouped (vmap) vs channel padding vs one matmul per tap.
+t=$(left 60) && timeout "$t" "$PY" experiments/agent_conv.py --k 64 --batch 32 \
+  --out "$OUT/agent_conv.jsonl" 2>&1 | grep -E "^\|"
+# 3. The whole network with one matmul per tap, fp32 and bf16 (single model on XLA convs is in 1).
+bench r20_k64_taps_fp32 70 --models resnet20 --ks 64 --backends vmap --baselines= --compare= \
+  --steps 10 --warmup 2 --case_budget_s 8 --conv taps
+bench r20_k64_taps_bf16 70 --models resnet20 --ks 64 --backends vmap --baselines= --compare= \
+  --precision bfloat16 --steps 10 --warmup 2 --case_budget_s 8 --conv taps
+# 4. The PyTorch per-agent loop (the anchor), if given.
+if [[ $# -ge 1 && -f "$1" ]] && t=$(left 80); then
+  echo "=== anchor: $1"
+  timeout "$t" "$PY" "$1" 64 32 10 torch_loop,torch_single 2>&1 | tail -4 | tee "$OUT/anchor.txt"
+fi
+# 5. Scaling in K (bf16), and 1,024 agents with 16 img/agent.
+bench r20_k16_256_bf16 90 --models resnet20 --ks 16,256 --backends vmap --precision bfloat16 \
+  --baselines single --steps 5 --warmup 1 --case_budget_s 5 --conv xla
+bench r20_k1024_b16 70 --models resnet20 --ks 1024 --batch 16 --backends vmap \
+  --baselines single --precision bfloat16 --steps 3 --warmup 1 --case_budget_s 5 --compare= \
+  --conv xla
+# 6. The small CNN, and the combine alone up to K = 1,024.
+bench cnn_k64_256 60 --models cnn --ks 64,256 --backends vmap --steps 10 --warmup 2 \
+  --case_budget_s 5 --conv xla
+t=$(left 40) && timeout "$t" "$PY" experiments/benchmark.py --models mlp --ks 4 --backends vmap \
+  --steps 2 --warmup 1 --compare= --data_memory= --combine_ks 16,64,256,1024 \
+  --out "$OUT/combine.json" 2>&1 | grep -A8 "combine alone"
+echo "=== done, $(( END - $(date +%s) ))s of the budget left"
