@@ -124,7 +124,7 @@ def make_model(c: ml_collections.ConfigDict, data: data_lib.Data) -> models.Mode
   if c.precision != "float32":
     options.setdefault("dtype", jnp.dtype(c.precision))
   if c.model in models.CONV_MODELS:
-    options.setdefault("conv", backends.best_conv(c.conv))
+    options.setdefault("conv", backends.best_conv(c.conv, c.precision))
   return models.make(c.model, data.classes, input_shape=data.train_images.shape[1:], **options)
 
 

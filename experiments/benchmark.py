@@ -439,7 +439,7 @@ def _table(machine: dict, rows: list, comparisons: list) -> str:
       f"### drt_jax training throughput on {machine['host']} ({machine['platform']}, "
       f"{machine['local_device_count']}× {machine['device_kind']}, {machine['cpu_count']} CPUs, "
       f"jax {machine['jax']}, {machine['date']}), {FLAGS.precision} compute, "
-      f"conv {backends.best_conv(FLAGS.conv)}", "",
+      f"conv {backends.best_conv(FLAGS.conv, FLAGS.precision)}", "",
       "| model | K | variant | img/s | × single | step ms | compile s | peak MB | XLA MB |",
       "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
@@ -602,7 +602,7 @@ def main(argv):
                            shape=shape, seed=0)
     options = {} if FLAGS.precision == "float32" else {"dtype": jnp.dtype(FLAGS.precision)}
     if model_name in models.CONV_MODELS:
-      options["conv"] = backends.best_conv(FLAGS.conv)
+      options["conv"] = backends.best_conv(FLAGS.conv, FLAGS.precision)
     model = models.make(model_name, d.classes, input_shape=shape, **options)
     pruned = {}
     for k_count in sorted(s["ks"]):

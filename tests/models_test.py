@@ -110,6 +110,45 @@ class ModelsTest(chex.TestCase):
       models.make("foo")
 
 
+class ConvFormulationTest(parameterized.TestCase):
+  """conv='taps' is the same function of the same parameters as conv='xla'."""
+
+  @parameterized.parameters(
+      ((9, 9, 3), (3, 3), (1, 1), "SAME"), ((8, 8, 4), (3, 3), (2, 2), "SAME"),
+      ((7, 6, 2), (1, 1), (2, 2), "SAME"), ((8, 8, 2), (3, 3), (1, 2), "VALID"),
+      ((8, 8, 2), (3, 3), (1, 1), ((2, 0), (1, 1))))
+  def test_shifted_matmul_conv_matches_lax(self, shape, kernel, strides, padding):
+    k1, k2 = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(k1, (2, *shape))
+    w = jax.random.normal(k2, (*kernel, shape[-1], 5))
+    want = jax.lax.conv_general_dilated(x, w, strides, padding,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    got = models.shifted_matmul_conv(x, w, strides, padding)
+    self.assertEqual(got.shape, want.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+  @parameterized.parameters("resnet20", "cnn")
+  def test_same_parameters_outputs_and_gradients_vmapped(self, name):
+    xla, taps = models.make(name), models.make(name, conv="taps")
+    keys = jax.random.split(jax.random.key(0), 2)
+    variables = jax.vmap(xla.init)(keys)
+    chex.assert_trees_all_equal_shapes(variables, jax.vmap(taps.init)(keys))
+    x = jax.random.normal(jax.random.key(1), (2, 3, *xla.input_shape))
+
+    def per_agent(model):
+      return jax.vmap(jax.value_and_grad(lambda p, xs, rest: jnp.sum(model.apply(
+          {**rest, "params": p}, xs, True)[0] ** 2)))(
+              variables["params"], x, {k: v for k, v in variables.items() if k != "params"})
+
+    want, got = per_agent(xla), per_agent(taps)
+    chex.assert_trees_all_close(got, want, rtol=2e-4, atol=2e-4)
+
+  def test_unknown_conv(self):
+    with self.assertRaisesWithLiteralMatch(
+        ValueError, "unknown conv 'fft'; expected one of: xla, taps"):
+      models.make("cnn", conv="fft").init(jax.random.key(0))
+
+
 class _WithTrain(nn.Module):
 
   @nn.compact

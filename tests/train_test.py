@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from drt_jax import algorithms, config, data, models, topology, train
+from drt_jax import algorithms, backends, config, data, models, topology, train
 
 TINY = {
     "num_agents": 4, "model": "mlp", "model_options": {"hidden": (16,)}, "batch_size": 8,
@@ -87,6 +87,7 @@ class TrainAndEvaluateTest(parameterized.TestCase):
       ("unknown_topology", {"topology": "cube"}, "config.topology='cube'"),
       ("unknown_backend", {"backend": "pmap"}, "config.backend='pmap'"),
       ("unknown_model", {"model": "vgg"}, "config.model='vgg'"),
+      ("unknown_conv", {"conv": "fft"}, "config.conv='fft'"),
       ("bad_lr", {"learning_rate": 0.0}, "config.learning_rate=0.0"),
       ("bad_floor", {"drt": {"floor": 1.0}}, "config.drt.floor=1.0"),
       ("bad_strength", {"drt": {"strength": -1.0}}, "config.drt.strength=-1.0"),
@@ -192,6 +193,23 @@ class TrainAndEvaluateTest(parameterized.TestCase):
     np.testing.assert_allclose(logits, full, atol=0.05, rtol=0.05)  # ... to its precision
     history = train.train_and_evaluate({**c.to_dict(), "num_steps": 2, "eval_every": 2}, data=d)
     self.assertBetween(history[-1]["test_acc_mean"], 0.0, 1.0)
+
+  def test_conv_formulation_reaches_the_model(self):
+    d = tiny_data(shape=(12, 12, 1))
+    c = config.resolve({**TINY, "model": "cnn", "model_options": {"features": (4,), "hidden": 8},
+                        "conv": "taps"})
+    self.assertEqual(backends.best_conv("auto", "float32"),
+                     "taps" if jax.default_backend() == "gpu" else "xla")
+    self.assertEqual(backends.best_conv("auto", "bfloat16"), "xla")
+    taps, xla = (train.make_model(config.resolve({**c.to_dict(), "conv": v}), d)
+                 for v in ("taps", "xla"))
+    v = taps.init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (2, 12, 12, 1))
+    np.testing.assert_allclose(taps.apply(v, x, False)[0], xla.apply(v, x, False)[0],
+                               rtol=1e-5, atol=1e-5)
+    with self.assertRaisesRegex(ValueError, "unknown conv 'fft'"):
+      train.make_model(config.resolve({**c.to_dict(), "model_options": {"conv": "fft"}}),
+                       d).init(jax.random.key(0))
 
   def test_same_config_and_seeds_give_the_same_history(self):
     c = {**TINY, "algorithm": "drt", "num_steps": 4, "eval_every": 2,
