@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The accelerator benchmark as one prepared script (about 8 minutes on one H100), most important
+# The accelerator benchmark as one prepared script (about 8 minutes on one H100 or H200), most important
 # case first; every case is appended to $OUT/<name>.jsonl as soon as it finishes, so a run cut
 # short keeps what it measured. Synthetic data, no tensorflow-datasets import. BUDGET_S (default
 # 480) bounds the whole script: each case gets at most what is left of it.
@@ -9,7 +9,8 @@
 # Needs jax with its GPU/TPU plugin, flax, optax, chex, absl-py, ml_collections and matplotlib
 # (orbax and tensorflow-datasets are not imported). An optional first argument runs a PyTorch
 # per-agent-loop anchor script (K = 64, 32 img/agent) after the first cases, for the record
-# beside these numbers.
+# beside these numbers. Put everything the run wrote into one archive with
+# `tar czf bench.tgz -C "$(dirname "$OUT")" "$(basename "$OUT")"`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/drt_jax_bench}"
@@ -39,31 +40,33 @@ if ! timeout 90 "$PY" experiments/benchmark.py --smoke --backends vmap,map --out
     > "$OUT/smoke.log" 2>&1; then
   tail -25 "$OUT/smoke.log"; echo "preflight failed"; exit 1
 fi
-# 1. ResNet-20, K = 64, 32 img/agent: fp32 and bf16 against the single model (the targets),
-#    DRT against ATC, and 4 steps fused per dispatch.
-bench r20_k64_fp32 110 --models resnet20 --ks 64 --backends vmap,map --steps 10 --warmup 2 \
-  --case_budget_s 8 --conv xla
-bench r20_k64_bf16 110 --models resnet20 --ks 64 --backends vmap --precision bfloat16 \
-  --steps 10 --warmup 2 --case_budget_s 8 --conv xla --scan_steps 4
-# 2. The per-agent convolution alone: grouped (vmap) vs channel padding vs one matmul per tap.
+# 1. ResNet-20, K = 64, 32 img/agent against the single model (the targets): fp32 with XLA's
+#    grouped convs and with per-tap matmuls, bf16 with DRT against ATC. The loop baseline waits
+#    until 5: it compiles for a minute.
+bench r20_k64_fp32 70 --models resnet20 --ks 64 --backends vmap --baselines single --compare= \
+  --steps 8 --warmup 2 --case_budget_s 4 --conv xla
+bench r20_k64_fp32_taps 70 --models resnet20 --ks 64 --backends vmap --baselines single \
+  --compare= --steps 8 --warmup 2 --case_budget_s 4 --conv taps
+bench r20_k64_bf16 90 --models resnet20 --ks 64 --backends vmap --baselines single \
+  --precision bfloat16 --steps 8 --warmup 2 --case_budget_s 4 --conv xla --compare drt
+# 2. The PyTorch per-agent loop (the anchor), if given.
+if [[ $# -ge 1 && -f "$1" ]] && t=$(left 45); then
+  echo "=== anchor: $1"
+  timeout "$t" "$PY" "$1" 64 32 5 torch_loop 2>&1 | tail -3 | tee "$OUT/anchor.txt"
+fi
+# 3. Scaling in K (bf16, grouped convs), 1,024 agents with 16 img/agent, steps fused by lax.scan.
+bench r20_k256_bf16 70 --models resnet20 --ks 256 --backends vmap --baselines= --compare= \
+  --precision bfloat16 --steps 4 --warmup 1 --case_budget_s 4 --conv xla
+bench r20_k1024_b16 70 --models resnet20 --ks 1024 --batch 16 --backends vmap --baselines= \
+  --precision bfloat16 --steps 3 --warmup 1 --case_budget_s 4 --compare= --conv xla
+bench r20_k64_bf16_scan 60 --models resnet20 --ks 64 --backends vmap --baselines= --compare= \
+  --precision bfloat16 --steps 4 --warmup 1 --case_budget_s 4 --conv xla --scan_steps 4
+# 4. The per-agent convolution alone: grouped (vmap) vs channel padding vs one matmul per tap.
 t=$(left 60) && timeout "$t" "$PY" experiments/agent_conv.py --k 64 --batch 32 \
   --out "$OUT/agent_conv.jsonl" 2>&1 | grep -E "^\|"
-# 3. The whole network with one matmul per tap, fp32 and bf16 (single model on XLA convs is in 1).
-bench r20_k64_taps_fp32 70 --models resnet20 --ks 64 --backends vmap --baselines= --compare= \
-  --steps 10 --warmup 2 --case_budget_s 8 --conv taps
-bench r20_k64_taps_bf16 70 --models resnet20 --ks 64 --backends vmap --baselines= --compare= \
-  --precision bfloat16 --steps 10 --warmup 2 --case_budget_s 8 --conv taps
-# 4. The PyTorch per-agent loop (the anchor), if given.
-if [[ $# -ge 1 && -f "$1" ]] && t=$(left 80); then
-  echo "=== anchor: $1"
-  timeout "$t" "$PY" "$1" 64 32 10 torch_loop,torch_single 2>&1 | tail -4 | tee "$OUT/anchor.txt"
-fi
-# 5. Scaling in K (bf16), and 1,024 agents with 16 img/agent.
-bench r20_k16_256_bf16 90 --models resnet20 --ks 16,256 --backends vmap --precision bfloat16 \
-  --baselines single --steps 5 --warmup 1 --case_budget_s 5 --conv xla
-bench r20_k1024_b16 70 --models resnet20 --ks 1024 --batch 16 --backends vmap \
-  --baselines single --precision bfloat16 --steps 3 --warmup 1 --case_budget_s 5 --compare= \
-  --conv xla
+# 5. The loop of K jitted single-agent steps (JAX), fp32.
+bench r20_k64_loop 90 --models resnet20 --ks 64 --backends= --baselines loop --compare= \
+  --steps 3 --warmup 1 --case_budget_s 4 --conv xla
 # 6. The small CNN, and the combine alone up to K = 1,024.
 bench cnn_k64_256 60 --models cnn --ks 64,256 --backends vmap --steps 10 --warmup 2 \
   --case_budget_s 5 --conv xla

@@ -1,7 +1,10 @@
 """experiments/agent_conv.py: every formulation of the per-agent convolution is one function."""
 
+import json
 import os
+import subprocess
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +43,27 @@ class AgentConvTest(parameterized.TestCase):
   def test_unknown_formulation_is_one_line(self):
     with self.assertRaisesRegex(Exception, "unknown 'im2col'; expected single, grouped"):
       agent_conv.formulation("im2col")
+
+
+class AgentConvSmokeTest(absltest.TestCase):
+
+  def test_smoke_run_times_every_formulation(self):
+    script = os.path.join(os.path.dirname(agent_conv.__file__), "agent_conv.py")
+    with tempfile.TemporaryDirectory() as tmp:
+      out = os.path.join(tmp, "conv.jsonl")
+      proc = subprocess.run([sys.executable, script, "--smoke", "--dtypes", "float32",
+                             "--out", out], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
+      self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+      with open(out) as f:
+        rows = [json.loads(line) for line in f]
+    self.assertEqual([r["formulation"] for r in rows],
+                     ["single", "grouped", "padded32", "padded64", "taps"])
+    for r in rows:
+      self.assertEqual(r["status"], "ok", r)
+      self.assertGreater(r["ms"], 0)
+    self.assertEqual(rows[0]["over_single"], 1.0)
+    self.assertIn("| float32 | 16x8 | taps |", proc.stdout)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ class BenchmarkSmokeTest(absltest.TestCase):
       out = os.path.join(tmp, "bench.json")
       env = {**os.environ, "JAX_PLATFORMS": "cpu"}
       proc = subprocess.run(
-          [sys.executable, _SCRIPT, "--smoke", "--host_devices", "2", "--out", out],
+          [sys.executable, _SCRIPT, "--smoke", "--host_devices", "2", "--scan_steps", "2",
+           "--out", out],
           capture_output=True, text=True, env=env, timeout=120, check=False)
       self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
       with open(out) as f:
@@ -40,6 +41,7 @@ class BenchmarkSmokeTest(absltest.TestCase):
       expected = {"single", "loop", "vmap", f"chunked({k_count})", "map", "shard(2)"}
       self.assertContainsSubset(expected, variants)
       self.assertTrue(any(v.startswith("drt:") for v in variants), variants)
+      self.assertTrue(any(v.startswith("scan2:") for v in variants), variants)
     for r in rows:
       self.assertEqual(r["status"], "ok", r)
       self.assertTrue(math.isfinite(r["img_s"]) and r["img_s"] > 0, r)
