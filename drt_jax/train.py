@@ -192,6 +192,15 @@ def build_programs(c: ml_collections.ConfigDict, model: models.Model,
 
   lifted_grads = lift(agent_grads)
   fault_spec = faults.spec_from_config(c)
+  state_sh = state_shardings(c, model, alg)
+
+  def placed(tree, shardings=None):
+    """``tree`` where the next step and the host expect it (what jit's out_shardings would do):
+    with the ``shard`` back-end, [K] leaves stay split with their agents, scalars replicated."""
+    if state_sh is None:
+      return tree
+    return jax.lax.with_sharding_constraint(
+        tree, shardings or backends.shardings(tree, c.backend, k_count))
 
   def train_step(state: TrainState, topology, d: DeviceData):
     x, y = draw_batch(state.key, state.step, d, batch, augmentation)
@@ -214,8 +223,9 @@ def build_programs(c: ml_collections.ConfigDict, model: models.Model,
       params = faults.select(f.alive, params, state.params)
       model_state = faults.select(f.alive, model_state, state.model_state)
     new = TrainState(params, model_state, alg_state, state.step + 1, state.key)
-    return new, {"loss": loss, "acc": acc, "finite": agents_finite((params, model_state)),
-                 **fault_metrics}
+    return placed(new, state_sh), placed({"loss": loss, "acc": acc,
+                                          "finite": agents_finite((params, model_state)),
+                                          **fault_metrics})
 
   def agent_logits(params, model_state, x):
     return model.apply({"params": params, **model_state}, x, False)[0]
@@ -246,7 +256,7 @@ def build_programs(c: ml_collections.ConfigDict, model: models.Model,
             "centroid_correct": jnp.zeros((), jnp.int32), "disagreement": jnp.zeros(())}
     zero = jax.tree.map(lambda z: z.astype(jnp.float32), zero)
     sums, _ = jax.lax.scan(body, zero, (ev.images, ev.labels, ev.mask))
-    return sums
+    return placed(sums)
 
   drt_names_granularity = c.drt.granularity
 
@@ -276,18 +286,15 @@ def build_programs(c: ml_collections.ConfigDict, model: models.Model,
         out["self_weight_mean"] = jnp.mean(mix.nbr_w[:, 0])
     return out
 
-  state_sh = state_shardings(c, model, alg)
   if state_sh is None:  # one device: placement is JAX's default
     return Programs(jax.jit(train_step, donate_argnums=(0,)), jax.jit(evaluate),
                     jax.jit(param_metrics))
-  # The agents mesh: stacked leaves split over it, the rest (data, graph, metrics) whole on
-  # every device; metrics are [K] or scalars, so every process can read them without gathering.
+  # On the agents mesh the inputs must already be where the step computes: stacked leaves split
+  # over it, the data's examples and the graph whole on every device (the outputs are placed).
   split, whole = backends.split(c.backend, k_count), backends.replicated(c.backend, k_count)
   data_sh = DeviceData(images=whole, labels=whole, idx=split, counts=split, mean=whole, std=whole)
-  step = jax.jit(train_step, donate_argnums=(0,), in_shardings=(state_sh, whole, data_sh),
-                 out_shardings=(state_sh, whole))
-  return Programs(step, jax.jit(evaluate, out_shardings=whole),
-                  jax.jit(param_metrics, out_shardings=whole))
+  step = jax.jit(train_step, donate_argnums=(0,), in_shardings=(state_sh, whole, data_sh))
+  return Programs(step, jax.jit(evaluate), jax.jit(param_metrics))
 
 
 def state_shardings(c, model: models.Model, alg: algorithms.Algorithm, topology=None):
@@ -724,7 +731,9 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
 
   def pull():
     nonlocal pending, pending_from
-    got = jax.device_get(pending)
+    # One gather per metric for all pending steps ([K] metrics stay split with their agents).
+    stacked = backends.to_host(jax.tree.map(lambda *steps: jnp.stack(steps), *pending))
+    got = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(len(pending))]
     check_finite(got, pending_from)
     for m in got:
       for k in _HOST_METRICS:
@@ -738,10 +747,10 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
 
   def evaluate(step):
     nonlocal last_time, last_step, buf
-    sums = {name: jax.device_get(progs.evaluate(state.params, state.model_state, ev, dev.mean,
-                                                dev.std)) for name, ev in eval_sets.items()}
-    pm = jax.device_get(progs.param_metrics(state.params, state.model_state, state.alg_state,
-                                            topo))
+    sums = {name: backends.to_host(progs.evaluate(state.params, state.model_state, ev, dev.mean,
+                                                  dev.std)) for name, ev in eval_sets.items()}
+    pm = backends.to_host(progs.param_metrics(state.params, state.model_state, state.alg_state,
+                                              topo))
     test, n_test = sums["test"], sizes["test"]
     test_acc = test["correct"] / n_test
     train_acc = sums["train"]["correct"] / sizes["train"]
