@@ -199,8 +199,9 @@ def build_programs(c: ml_collections.ConfigDict, model: models.Model,
     with the ``shard`` back-end, [K] leaves stay split with their agents, scalars replicated."""
     if state_sh is None:
       return tree
-    return jax.lax.with_sharding_constraint(
-        tree, shardings or backends.shardings(tree, c.backend, k_count))
+    if shardings is None:
+      shardings = backends.shardings(tree, c.backend, k_count)
+    return jax.lax.with_sharding_constraint(tree, shardings)
 
   def train_step(state: TrainState, topology, d: DeviceData):
     x, y = draw_batch(state.key, state.step, d, batch, augmentation)
