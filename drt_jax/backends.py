@@ -9,10 +9,16 @@ leaf with leading axis K) through one of these back-ends:
 ``chunked`` groups of ``chunk_size`` agents vmapped, the groups run one after another
             (``lax.map``): bounds peak memory at large K.
 ``map``     ``lax.map`` over agents: one agent at a time inside one compiled program.
-``shard``   ``jax.shard_map`` over a 1-D mesh of the local devices on axis ``agents``; each
-            device vmaps its K / n_devices agents. Needs K divisible by the device count.
-``auto``    ``shard`` when several local devices exist and divide K, else ``vmap``.
+``shard``   ``jax.shard_map`` over a 1-D mesh of all devices (of every process) on axis
+            ``agents``; each device vmaps its K / n_devices agents. Needs K divisible by the
+            device count.
+``auto``    ``shard`` when several devices exist and divide K, else ``vmap``.
 =========== =================================================================================
+
+A run over several processes (:mod:`drt_jax.distributed`) needs ``shard``: the other back-ends
+compute every agent on one device. Arrays enter the mesh as global arrays (:func:`place`,
+:func:`from_agent_rows`) and leave it through :func:`to_host`, which also works for arrays whose
+shards live partly in other processes.
 """
 
 from collections.abc import Callable
@@ -33,18 +39,24 @@ def check(backend: str, num_agents: int, chunk_size: int | None = None) -> None:
     if not chunk_size or chunk_size < 1 or num_agents % chunk_size:
       raise ValueError(f"backend 'chunked' needs a chunk_size >= 1 dividing K={num_agents}; "
                        f"got {chunk_size}")
-  if backend == "shard":
-    n = jax.local_device_count()
-    if num_agents % n:
-      raise ValueError(f"backend 'shard' splits K={num_agents} agents over {n} local devices; "
-                       f"K must be a multiple of {n} (or use backend 'vmap')")
+  n, processes = jax.device_count(), jax.process_count()
+  where = f"{n} devices" + (f" of {processes} processes" if processes > 1 else "")
+  if (backend == "shard" or processes > 1) and num_agents % n:
+    # Refused rather than padded: padding agents would change the graph and the results.
+    up = -(-num_agents // n) * n
+    near = f"num_agents={up}" + (f" or {up - n}" if up > n else "")
+    raise ValueError(f"K={num_agents} agents cannot be split evenly over {where}; use a "
+                     f"multiple of {n} ({near})" + ("" if processes > 1 else " or backend 'vmap'"))
+  if processes > 1 and resolve(backend, num_agents) != "shard":
+    raise ValueError(f"backend {backend!r} computes every agent on one device but this run spans "
+                     f"{where}; use backend 'shard' (or 'auto')")
 
 
 def resolve(backend: str, num_agents: int) -> str:
-  """The concrete back-end ``auto`` stands for on this machine."""
+  """The concrete back-end ``auto`` stands for on this machine (or these processes)."""
   if backend != "auto":
     return backend
-  n = jax.local_device_count()
+  n = jax.device_count()
   return "shard" if n > 1 and num_agents % n == 0 else "vmap"
 
 
@@ -62,8 +74,8 @@ def best_conv(conv: str = "auto", precision: str = "float32") -> str:
 
 
 def agents_mesh() -> Mesh:
-  """A 1-D mesh of the local devices with axis ``agents``."""
-  return Mesh(np.array(jax.local_devices()), (AGENTS,))
+  """A 1-D mesh of all devices (every process's) with axis ``agents``."""
+  return Mesh(np.array(jax.devices()), (AGENTS,))
 
 
 def per_agent(fn: Callable, backend: str, num_agents: int, chunk_size: int | None = None,
@@ -118,12 +130,11 @@ def shardings(shapes, backend: str, num_agents: int, *, stacked: bool = True):
   if resolve(backend, num_agents) != "shard":
     return None
   mesh = agents_mesh()
-  split, replicated = (NamedSharding(mesh, PartitionSpec(AGENTS)),
-                       NamedSharding(mesh, PartitionSpec()))
+  split, whole = NamedSharding(mesh, PartitionSpec(AGENTS)), NamedSharding(mesh, PartitionSpec())
 
   def pick(x):
     is_stacked = stacked and len(getattr(x, "shape", ())) >= 1 and x.shape[0] == num_agents
-    return split if is_stacked else replicated
+    return split if is_stacked else whole
 
   return jax.tree.map(pick, shapes)
 
@@ -132,20 +143,86 @@ def place(tree, backend: str, num_agents: int, *, stacked: bool = True):
   """Puts ``tree`` where the compiled step expects it, so the step compiles once.
 
   With the ``shard`` back-end, leaves whose leading axis is the agent axis K are split over the
-  agents mesh (when ``stacked``) and every other leaf is replicated on it; other back-ends leave
-  placement to JAX (the default device).
+  agents mesh (when ``stacked``) and every other leaf is replicated on it; other back-ends put
+  host (numpy) arrays on JAX's default device and leave the rest as they are. Over several
+  processes every process must pass the same values (host arrays, or arrays already on the
+  mesh): each keeps only its devices' shards.
   """
+  targets = shardings(tree, backend, num_agents, stacked=stacked)
+  if targets is None:
+    return jax.tree.map(lambda x: jax.numpy.asarray(x) if isinstance(x, np.ndarray) else x, tree)
+  return jax.tree.map(_put, tree, targets)
+
+
+def _put(x, sharding):
+  if isinstance(x, jax.Array) and x.sharding == sharding:
+    return x
+  if jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  # Across processes device_put takes host values only: each process keeps its own shards.
+  if _is_key(x):
+    return jax.random.wrap_key_data(_put(jax.random.key_data(x), sharding),
+                                    impl=jax.random.key_impl(x))
+  return jax.device_put(np.asarray(x), sharding)
+
+
+def _is_key(x) -> bool:
+  return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def from_agent_rows(rows: Callable[[int, int], np.ndarray], shape: tuple[int, ...], backend: str,
+                    num_agents: int) -> jax.Array:
+  """A stacked array ``[K, ...]`` of which each process builds only its own agents' rows.
+
+  ``rows(start, stop)`` returns the host rows of agents ``start..stop-1``. With the ``shard``
+  back-end it is called once per local device, for that device's agents; otherwise once for all.
+  """
+  sharding = split(backend, num_agents)
+  if sharding is None:
+    return jax.numpy.asarray(rows(0, num_agents))
+
+  def block(index):
+    start, stop, _ = index[0].indices(num_agents)
+    return rows(start, stop)[(slice(None),) + tuple(index[1:])]
+
+  return jax.make_array_from_callback(tuple(shape), sharding, block)
+
+
+def split(backend: str, num_agents: int) -> NamedSharding | None:
+  """The sharding of stacked values, split over the agents (None: JAX's default placement)."""
   if resolve(backend, num_agents) != "shard":
-    return tree
-  mesh = agents_mesh()
-  split, replicated = NamedSharding(mesh, PartitionSpec(AGENTS)), NamedSharding(mesh,
-                                                                               PartitionSpec())
+    return None
+  return NamedSharding(agents_mesh(), PartitionSpec(AGENTS))
 
-  def put(x):
-    is_stacked = stacked and getattr(x, "ndim", 0) >= 1 and x.shape[0] == num_agents
-    return jax.device_put(x, split if is_stacked else replicated)
 
-  return jax.tree.map(put, tree)
+def replicated(backend: str, num_agents: int) -> NamedSharding | None:
+  """The sharding of values every device holds whole (None: JAX's default placement)."""
+  if resolve(backend, num_agents) != "shard":
+    return None
+  return NamedSharding(agents_mesh(), PartitionSpec())
+
+
+def local_agents(x: jax.Array) -> list[int]:
+  """The agents (rows of the stacked array ``x``) whose data this process holds."""
+  k_count = x.shape[0]
+  return sorted({k for shard in x.addressable_shards
+                 for k in range(*shard.index[0].indices(k_count))})
+
+
+def to_host(tree):
+  """``tree`` as numpy arrays, also when shards of a leaf live in other processes.
+
+  Every process must call it (it gathers across processes when a leaf is split over them).
+  """
+
+  def get(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+      return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  return jax.tree.map(get, tree)
 
 
 def _merge(args, stacked, shared):

@@ -140,16 +140,23 @@ def load(workdir: str, step: int | None = None) -> tuple[dict, dict]:
   """A checkpoint as stored, without a template: ``(arrays as numpy, host record)``.
 
   Typed keys stay raw ``uint32`` data and NamedTuples come back as dicts; for inspection and
-  comparison of runs (use :meth:`Checkpoints.restore` to continue training).
+  comparison of runs, also of runs saved by other devices or several processes (use
+  :meth:`Checkpoints.restore` to continue training).
   """
   step = latest_step(workdir) if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {directory(workdir)}")
-  manager = _ocp().CheckpointManager(directory(workdir), options=_ocp().CheckpointManagerOptions(
-      create=False, read_only=True, enable_async_checkpointing=False))
+  ocp = _ocp()
+  manager = ocp.CheckpointManager(directory(workdir), options=ocp.CheckpointManagerOptions(
+      create=False, read_only=True, enable_async_checkpointing=False), item_handlers={
+          "state": ocp.StandardCheckpointHandler(), "host": ocp.JsonCheckpointHandler()})
   try:
-    out = manager.restore(int(step), args=_ocp().args.Composite(state=_ocp().args.StandardRestore(),
-                                                             host=_ocp().args.JsonRestore()))
+    # Onto one local device whatever devices (or processes) saved it.
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                          manager.item_metadata(int(step))["state"])
+    out = manager.restore(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), host=ocp.args.JsonRestore()))
   finally:
     manager.close()
   return jax.tree.map(np.asarray, out.state), dict(out.host or {})

@@ -84,27 +84,37 @@ def partition_iid(num_examples: int, num_agents: int, seed: int = 0) -> list[np.
   return [np.sort(p) for p in np.array_split(perm, num_agents)]
 
 
-def pad_partition(parts: Sequence[np.ndarray], num_examples: int) -> tuple[np.ndarray,
-                                                                           np.ndarray]:
+def pad_partition(parts: Sequence[np.ndarray], num_examples: int,
+                  width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Per-agent index lists -> ``(idx int32[K, W], counts int32[K])``, padding with index 0.
 
-  The width W is the largest list's length rounded up to a power of two (at most
-  ``num_examples``), so that partitions drawn with other seeds usually share the padded shape and
-  a sweep over seeds reuses the compiled step.
+  The width W (default :func:`padded_width`) is the largest list's length rounded up to a power of
+  two (at most ``num_examples``), so that partitions drawn with other seeds usually share the
+  padded shape and a sweep over seeds reuses the compiled step. A process that builds only some
+  agents' rows passes those agents' lists and the width of all of them.
   """
+  if width is None:
+    width, _ = padded_width(parts, num_examples)
+  counts = np.array([len(p) for p in parts], np.int32)
+  idx = np.zeros((len(parts), width), np.int32)
+  for k, p in enumerate(parts):
+    idx[k, :len(p)] = p
+  return idx, counts
+
+
+def padded_width(parts: Sequence[np.ndarray], num_examples: int) -> tuple[int, np.ndarray]:
+  """``(W, counts int32[K])`` of :func:`pad_partition`, checking every list (one-line errors)."""
   counts = np.array([len(p) for p in parts], np.int32)
   if counts.min(initial=1) < 1:
     raise ValueError(f"agent {int(np.argmin(counts))} has no training examples; every agent "
                      "needs at least one")
-  width = min(max(int(num_examples), int(counts.max())), 1 << int(counts.max() - 1).bit_length())
-  idx = np.zeros((len(parts), width), np.int32)
   for k, p in enumerate(parts):
     p = np.asarray(p)
     if p.size and (p.min() < 0 or p.max() >= num_examples):
       raise ValueError(f"agent {k}'s indices fall outside [0, {num_examples}); index lists "
                        "must point into the training split")
-    idx[k, :len(p)] = p
-  return idx, counts
+  width = min(max(int(num_examples), int(counts.max())), 1 << int(counts.max() - 1).bit_length())
+  return width, counts
 
 
 def check_batch(counts: np.ndarray, batch_size: int) -> None:

@@ -26,6 +26,7 @@ state (:mod:`drt_jax.checkpoint`).
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import time
@@ -38,7 +39,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from drt_jax import algorithms, backends, datasets, faults, models, partition
+from drt_jax import algorithms, backends, datasets, distributed, faults, models, partition
 from drt_jax import checkpoint as checkpoint_lib
 from drt_jax import combine as combine_lib
 from drt_jax import config as config_lib
@@ -191,6 +192,16 @@ def build_programs(c: ml_collections.ConfigDict, model: models.Model,
 
   lifted_grads = lift(agent_grads)
   fault_spec = faults.spec_from_config(c)
+  state_sh = state_shardings(c, model, alg)
+
+  def placed(tree, shardings=None):
+    """``tree`` where the next step and the host expect it (what jit's out_shardings would do):
+    with the ``shard`` back-end, [K] leaves stay split with their agents, scalars replicated."""
+    if state_sh is None:
+      return tree
+    if shardings is None:
+      shardings = backends.shardings(tree, c.backend, k_count)
+    return jax.lax.with_sharding_constraint(tree, shardings)
 
   def train_step(state: TrainState, topology, d: DeviceData):
     x, y = draw_batch(state.key, state.step, d, batch, augmentation)
@@ -213,8 +224,9 @@ def build_programs(c: ml_collections.ConfigDict, model: models.Model,
       params = faults.select(f.alive, params, state.params)
       model_state = faults.select(f.alive, model_state, state.model_state)
     new = TrainState(params, model_state, alg_state, state.step + 1, state.key)
-    return new, {"loss": loss, "acc": acc, "finite": agents_finite((params, model_state)),
-                 **fault_metrics}
+    return placed(new, state_sh), placed({"loss": loss, "acc": acc,
+                                          "finite": agents_finite((params, model_state)),
+                                          **fault_metrics})
 
   def agent_logits(params, model_state, x):
     return model.apply({"params": params, **model_state}, x, False)[0]
@@ -245,7 +257,7 @@ def build_programs(c: ml_collections.ConfigDict, model: models.Model,
             "centroid_correct": jnp.zeros((), jnp.int32), "disagreement": jnp.zeros(())}
     zero = jax.tree.map(lambda z: z.astype(jnp.float32), zero)
     sums, _ = jax.lax.scan(body, zero, (ev.images, ev.labels, ev.mask))
-    return sums
+    return placed(sums)
 
   drt_names_granularity = c.drt.granularity
 
@@ -275,8 +287,28 @@ def build_programs(c: ml_collections.ConfigDict, model: models.Model,
         out["self_weight_mean"] = jnp.mean(mix.nbr_w[:, 0])
     return out
 
-  return Programs(jax.jit(train_step, donate_argnums=(0,)), jax.jit(evaluate),
-                  jax.jit(param_metrics))
+  if state_sh is None:  # one device: placement is JAX's default
+    return Programs(jax.jit(train_step, donate_argnums=(0,)), jax.jit(evaluate),
+                    jax.jit(param_metrics))
+  # On the agents mesh the inputs must already be where the step computes: stacked leaves split
+  # over it, the data's examples and the graph whole on every device (the outputs are placed).
+  split, whole = backends.split(c.backend, k_count), backends.replicated(c.backend, k_count)
+  data_sh = DeviceData(images=whole, labels=whole, idx=split, counts=split, mean=whole, std=whole)
+  step = jax.jit(train_step, donate_argnums=(0,), in_shardings=(state_sh, whole, data_sh))
+  return Programs(step, jax.jit(evaluate), jax.jit(param_metrics))
+
+
+def state_shardings(c, model: models.Model, alg: algorithms.Algorithm, topology=None):
+  """Where each leaf of the train state lives (None without the ``shard`` back-end).
+
+  Stacked leaves are split over the agents mesh, the step and the sampling key replicated; found
+  from the state's shapes (``jax.eval_shape``), so nothing is computed.
+  """
+  if backends.resolve(c.backend, c.num_agents) != "shard":
+    return None
+  topology = make_topology(c) if topology is None else topology
+  shapes = jax.eval_shape(functools.partial(_init_state, c, model, alg, topology))
+  return backends.shardings(shapes, c.backend, c.num_agents)
 
 
 _PROGRAM_CACHE: dict = {}
@@ -322,9 +354,8 @@ def _eval_set(images, labels, n: int, batch: int, seed: int) -> EvalSet:
   images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
   labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
   shape = (num_batches, batch)
-  return EvalSet(jnp.asarray(images.reshape(shape + images.shape[1:])),
-                 jnp.asarray(labels.reshape(shape).astype(np.int32)),
-                 jnp.asarray(mask.reshape(shape)))
+  return EvalSet(images.reshape(shape + images.shape[1:]), labels.reshape(shape).astype(np.int32),
+                 mask.reshape(shape))
 
 
 def load_data(c: ml_collections.ConfigDict) -> data_lib.Data:
@@ -376,12 +407,35 @@ def prepare_data(c: ml_collections.ConfigDict, d: data_lib.Data) -> Prepared:
   return Prepared(d, parts, validation)
 
 
-def device_data(d: data_lib.Data, parts) -> DeviceData:
-  """The training split on the device once, with the agents' padded index lists."""
-  idx, counts = data_lib.pad_partition(parts, len(d.train_labels))
+def device_data(d: data_lib.Data, parts, backend: str = "vmap") -> DeviceData:
+  """The training split on the device once, with the agents' padded index lists.
+
+  With the ``shard`` back-end the index lists are split over the agents mesh and each process
+  builds only the rows of its own agents; the examples and their normalisation are replicated.
+  """
+  k_count = len(parts)
+  width, counts = data_lib.padded_width(parts, len(d.train_labels))
+
+  def rows(start, stop):
+    return data_lib.pad_partition(parts[start:stop], len(d.train_labels), width=width)[0]
+
   mean, std = data_lib.normalisation(d.train_images)
-  return DeviceData(jnp.asarray(d.train_images), jnp.asarray(d.train_labels, jnp.int32),
-                    jnp.asarray(idx), jnp.asarray(counts), jnp.asarray(mean), jnp.asarray(std))
+  whole = backends.place(dict(images=d.train_images, labels=np.asarray(d.train_labels, np.int32),
+                              mean=mean, std=std), backend, k_count, stacked=False)
+  whole = {k: v if isinstance(v, jax.Array) else jnp.asarray(v) for k, v in whole.items()}
+  return DeviceData(idx=backends.from_agent_rows(rows, (k_count, width), backend, k_count),
+                    counts=backends.from_agent_rows(lambda a, b: counts[a:b], (k_count,),
+                                                    backend, k_count),
+                    **whole)
+
+
+def _data_digest(prepared: Prepared) -> str:
+  """Names the training data, its shapes and a hash of the labels and the agents' lists."""
+  d = prepared.data
+  h = hashlib.sha256()
+  for a in (d.train_labels, d.test_labels, *prepared.parts):
+    h.update(np.ascontiguousarray(a).tobytes())
+  return f"{d.name} {d.train_images.shape} {d.test_images.shape} {h.hexdigest()}"
 
 
 def device_bytes(tree) -> int:
@@ -395,12 +449,11 @@ def init_state(c, model: models.Model, alg: algorithms.Algorithm, topology) -> T
 
   Built by one jitted program whose outputs land where the step wants them: with the ``shard``
   back-end every stacked leaf is created split over the agents mesh (its shape found with
-  ``jax.eval_shape``), so the K copies are never materialised whole on one device.
+  ``jax.eval_shape``), so the K copies are never materialised whole on one device, and over
+  several processes each process computes only its own agents.
   """
   build = functools.partial(_init_state, c, model, alg, topology)
-  shapes = jax.eval_shape(build)
-  shardings = backends.shardings(shapes, c.backend, c.num_agents)
-  return jax.jit(build, out_shardings=shardings)()
+  return jax.jit(build, out_shardings=state_shardings(c, model, alg, topology))()
 
 
 def _init_state(c, model, alg, topology) -> TrainState:
@@ -588,19 +641,28 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
     history[-1]["test_acc_mean"]
   """
   c = config_lib.resolve(config)
-  check_writable(workdir)
-  same_run = check_workdir(workdir, c, overwrite)
+  distributed.check_agreement({"config": c.to_json(sort_keys=True)},
+                              "start every process with the same config and overrides")
+
+  def check_on_main():  # process 0 reads and writes the workdir; the others learn its answer
+    check_writable(workdir)
+    return check_workdir(workdir, c, overwrite)
+
+  same_run = distributed.on_main(check_on_main)
   d = data_lib.as_data(data) if data is not None else load_data(c)
   prepared = prepare_data(c, d)
   d = prepared.data
+  if jax.process_count() > 1:
+    distributed.check_agreement({"data": _data_digest(prepared)},
+                                "give every process the same dataset (and agent_indices)")
   backends.check(c.backend, c.num_agents, c.chunk_size or None)
   topo = make_topology(c)
   net = model if model is not None else make_model(c, d)
   alg = make_algorithm(c)
   progs = programs_for(c, net, alg, model)
 
-  dev = device_data(d, prepared.parts)
-  counts = np.asarray(dev.counts)
+  dev = device_data(d, prepared.parts, c.backend)  # each process builds its agents' lists
+  counts = np.array([len(p) for p in prepared.parts])
   eval_sets = {"test": _eval_set(d.test_images, d.test_labels, c.eval_examples,
                                  c.eval_batch_size, c.seed),
                "train": _eval_set(d.train_images, d.train_labels, c.train_eval_examples,
@@ -611,24 +673,24 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
   sizes = {k: int(np.sum(np.asarray(v.mask))) for k, v in eval_sets.items()}
 
   state = init_state(c, net, alg, topo)  # created with the step's shardings
-  bad = np.flatnonzero(~np.asarray(agents_finite(state.params)))
+  bad = np.flatnonzero(~backends.to_host(agents_finite(state.params)))
   if bad.size:
     raise ValueError(f"the initial parameters are not finite on agents {bad.tolist()}; check "
                      "the model's initialisers")
   place = functools.partial(backends.place, backend=c.backend, num_agents=c.num_agents,
                             stacked=False)
-  dev = dev._replace(**place(dict(images=dev.images, labels=dev.labels, mean=dev.mean,
-                                  std=dev.std)),
-                     **backends.place(dict(idx=dev.idx, counts=dev.counts), c.backend,
-                                      c.num_agents))  # each device holds its agents' lists
   topo = dataclasses.replace(topo, **place({"nbr_idx": topo.nbr_idx, "nbr_w": topo.nbr_w}))
   eval_sets = place(eval_sets)
   bytes_sent = metrics_lib.bytes_per_agent_step(topo, metrics_lib.tree_bytes(state.params),
                                                 c.comm_every, c.algorithm != "local")
 
-  resume_step = checkpoint_lib.latest_step(workdir) if same_run else None
-  if workdir and resume_step is None:
-    checkpoint_lib.delete(workdir)  # a fresh start keeps no checkpoint of another run
+  def resume_on_main():
+    step = checkpoint_lib.latest_step(workdir) if same_run else None
+    if workdir and step is None:
+      checkpoint_lib.delete(workdir)  # a fresh start keeps no checkpoint of another run
+    return step
+
+  resume_step = distributed.on_main(resume_on_main)
   ckpt = None
   if workdir and (c.checkpoint_every or resume_step is not None):
     ckpt = checkpoint_lib.Checkpoints(workdir, c.keep_checkpoints)
@@ -644,12 +706,18 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
   elif same_run:
     logging.warning("workdir %s holds a run of the same config without a checkpoint; replacing "
                     "it", workdir)
-  writer = _Writer(workdir, c, prepared, rows)
+  # Process 0 alone writes config, partition and metrics (it rewrites metrics.jsonl with the
+  # same rows the others have read, atomically, so no process reads a half-written file).
+  writer = _Writer(workdir if distributed.is_main() else None, c, prepared, rows)
   logging.info("data %s: %d training examples over %d agents (%s partition, %d-%d each), "
                "%s on device", d.name, len(d.train_labels), c.num_agents, c.partition,
                counts.min(), counts.max(), _megabytes(device_bytes(dev)))
   logging.info("devices: %s; backend %s -> %s", jax.devices(), c.backend,
                backends.resolve(c.backend, c.num_agents))
+  mine = backends.local_agents(dev.idx)
+  span = f"{mine[0]}-{mine[-1]}" if mine == list(range(mine[0], mine[-1] + 1)) else str(mine)
+  logging.info("process %d of %d holds agents %s (their index lists) on %d devices",
+               jax.process_index(), jax.process_count(), span, jax.local_device_count())
   logging.info("topology %s (slem %.4f); algorithm %s; K=%d", topo, topo.slem(), c.algorithm,
                c.num_agents)
 
@@ -664,7 +732,9 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
 
   def pull():
     nonlocal pending, pending_from
-    got = jax.device_get(pending)
+    # One gather per metric for all pending steps ([K] metrics stay split with their agents).
+    stacked = backends.to_host(jax.tree.map(lambda *steps: jnp.stack(steps), *pending))
+    got = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(len(pending))]
     check_finite(got, pending_from)
     for m in got:
       for k in _HOST_METRICS:
@@ -678,10 +748,10 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
 
   def evaluate(step):
     nonlocal last_time, last_step, buf
-    sums = {name: jax.device_get(progs.evaluate(state.params, state.model_state, ev, dev.mean,
-                                                dev.std)) for name, ev in eval_sets.items()}
-    pm = jax.device_get(progs.param_metrics(state.params, state.model_state, state.alg_state,
-                                            topo))
+    sums = {name: backends.to_host(progs.evaluate(state.params, state.model_state, ev, dev.mean,
+                                                  dev.std)) for name, ev in eval_sets.items()}
+    pm = backends.to_host(progs.param_metrics(state.params, state.model_state, state.alg_state,
+                                              topo))
     test, n_test = sums["test"], sizes["test"]
     test_acc = test["correct"] / n_test
     train_acc = sums["train"]["correct"] / sizes["train"]

@@ -56,13 +56,15 @@ def parse_flags(argv):
 
 
 def run(main):
-  """``absl.app.run(main)`` that ends on bad input (ValueError, a missing dataset) or divergence
-  (FloatingPointError) with one line, not a traceback."""
+  """``absl.app.run(main)`` that ends on bad input (ValueError, a missing dataset), divergence
+  (FloatingPointError) or an unreachable coordinator (ConnectionError) with one line, not a
+  traceback."""
 
   def guarded(argv):
     try:
       main(argv)
-    except (ValueError, FloatingPointError, datasets.DatasetUnavailableError) as e:
+    except (ValueError, FloatingPointError, ConnectionError,
+            datasets.DatasetUnavailableError) as e:
       sys.exit(f"error: {_one_line(e)}")
 
   app.run(guarded, flags_parser=parse_flags)

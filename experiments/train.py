@@ -10,6 +10,10 @@ Every algorithm of ``config.compare`` trains into ``<workdir>/<algorithm>/`` (``
 ``<workdir>/summary.md`` compare them. A workdir holding a run of a different config is refused
 unless ``--overwrite``. Config files: ``experiments/configs/`` (``get_config(arg)``, variants after
 ``:``; ``--config.<field>=<value>`` overrides any field).
+
+Several processes (hosts) train one run when each starts this binary with the same config and
+``--coordinator_address``, ``--num_processes`` and its own ``--process_id`` (or the
+``DRT_JAX_*`` environment variables; BUILD.md, "Multi-host"); process 0 writes the files.
 """
 
 import json
@@ -19,7 +23,7 @@ import common
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from drt_jax import backends, plotting, train
+from drt_jax import backends, distributed, plotting, train
 from drt_jax import config as config_lib
 
 _DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
@@ -28,7 +32,20 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where the runs, plots
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace runs of a different config.")
 _HOST_DEVICES = flags.DEFINE_integer(
     "host_devices", 8, "Virtual CPU devices, so that the 'auto' back-end shards the agents over "
-    "them (faster than vmap on CPU, BUILD.md); no effect on a GPU or TPU.")
+    "them (faster than vmap on CPU, BUILD.md); no effect on a GPU or TPU. Per process.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process runs: host:port of process 0, which serves the "
+    "coordinator ('auto': JAX detects it on a TPU pod slice, Slurm or Open MPI); default "
+    f"${distributed.ENV_COORDINATOR}.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, f"Multi-process runs: how many processes; default "
+    f"${distributed.ENV_NUM_PROCESSES}.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, f"Multi-process runs: this process's id, 0 to num_processes - 1; default "
+    f"${distributed.ENV_PROCESS_ID}.")
+_JOIN_TIMEOUT = flags.DEFINE_float(
+    "join_timeout_s", 300.0, "Multi-process runs: how long to wait for the coordinator and every "
+    "process before failing.")
 
 SUMMARY = (("test_acc_mean", "test acc", ".4f"), ("centroid_test_acc", "centroid", ".4f"),
            ("gen_gap", "gen gap", ".4f"), ("consensus_distance", "consensus", ".3g"),
@@ -82,10 +99,14 @@ def run_experiment(c, workdir: str, overwrite: bool = False) -> dict:
   for name, run_config in configs.items():
     run_dir = os.path.join(workdir, name)
     histories[name] = train.train_and_evaluate(run_config, run_dir, data, overwrite=overwrite)
+    if not distributed.is_main():  # process 0 writes the figures and the summary
+      continue
     plotting.plot_histories({name: histories[name]}, os.path.join(run_dir, "curves.png"))
     plotting.plot_self_weights(histories[name], os.path.join(run_dir, "self_weights.png"),
                                f"{name}: self-weight per layer")
 
+  if not distributed.is_main():
+    return histories
   figure = plotting.plot_histories(histories, os.path.join(workdir, "comparison.png"))
   table = summary_table(histories)
   title = (f"{data.name}, K={first.num_agents} {first.topology}, {first.partition} partition, "
@@ -103,6 +124,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   backends.use_host_devices(_HOST_DEVICES.value)
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         timeout_s=_JOIN_TIMEOUT.value)
   run_experiment(_CONFIG.value, _WORKDIR.value, _OVERWRITE.value)
 
 

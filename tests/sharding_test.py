@@ -95,6 +95,25 @@ class CollectivesTest(parameterized.TestCase):
         self.assertEqual(leaf.addressable_shards[0].data.shape[0], K // n)
     self.assertEqual(state.key.sharding.spec, PartitionSpec())
 
+  def test_step_keeps_state_data_and_metrics_split_over_the_mesh(self):
+    d = data.synthetic(num_train=256, num_test=16, shape=(4, 4, 1), seed=0)
+    c = config.resolve({"num_agents": K, "model": "mlp", "model_options": {"hidden": (8,)},
+                        "backend": "shard", "algorithm": "drt", "batch_size": 4})
+    model, alg, topo = train.make_model(c, d), train.make_algorithm(c), train.make_topology(c)
+    dev = train.device_data(d, data.partition_iid(len(d.train_labels), K), "shard")
+    per_device = K // jax.device_count()
+    for leaf in (dev.idx, dev.counts):
+      self.assertEqual(leaf.sharding.spec, PartitionSpec(backends.AGENTS))
+      self.assertEqual({s.data.shape[0] for s in leaf.addressable_shards}, {per_device})
+    self.assertTrue(dev.images.sharding.is_fully_replicated)
+    self.assertEqual(backends.local_agents(dev.idx), list(range(K)))  # one process holds all
+    state = train.init_state(c, model, alg, topo)
+    state, metrics = train.build_programs(c, model, alg).train_step(state, topo, dev)
+    for leaf in [*jax.tree.leaves(state.params), metrics["loss"], metrics["finite"]]:
+      self.assertEqual(leaf.sharding.spec, PartitionSpec(backends.AGENTS))
+    self.assertTrue(state.step.sharding.is_fully_replicated)
+    np.testing.assert_array_equal(backends.to_host(metrics["finite"]), np.ones(K, bool))
+
   @parameterized.parameters("ring", "torus")
   def test_combine_uses_collective_permute_only(self, kind):
     topo = topology.make(kind, K)
