@@ -21,6 +21,7 @@ compute every agent on one device. Arrays enter the mesh as global arrays (:func
 shards live partly in other processes.
 """
 
+import os
 from collections.abc import Callable
 
 import jax
@@ -230,6 +231,20 @@ def _merge(args, stacked, shared):
   return tuple(a if i in shared else next(it) for i, a in enumerate(args))
 
 
+# XLA:CPU aborts the whole process when the threads of one collective do not all arrive within
+# 40 s, which happens on a busy machine with more virtual devices than cores; runs of hours
+# should wait instead.
+_CPU_COLLECTIVE_TIMEOUTS = {"xla_cpu_collective_call_terminate_timeout_seconds": 3600,
+                            "xla_cpu_collective_call_warn_stuck_timeout_seconds": 300}
+
+
+def patient_cpu_collectives() -> None:
+  """Raises XLA:CPU's collective time-outs in ``XLA_FLAGS`` (unless set); before JAX starts."""
+  flags_now = os.environ.get("XLA_FLAGS", "")
+  extra = [f"--{k}={v}" for k, v in _CPU_COLLECTIVE_TIMEOUTS.items() if k not in flags_now]
+  os.environ["XLA_FLAGS"] = " ".join([flags_now.strip()] + extra).strip()
+
+
 def use_host_devices(n: int) -> None:
   """Splits the CPU into ``n`` virtual devices so ``shard`` can run agents in parallel on a host.
 
@@ -238,6 +253,7 @@ def use_host_devices(n: int) -> None:
   """
   if n < 1:
     raise ValueError(f"host device count {n} must be >= 1")
+  patient_cpu_collectives()
   try:
     jax.config.update("jax_num_cpu_devices", int(n))
   except RuntimeError as e:

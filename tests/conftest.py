@@ -11,6 +11,10 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 
 import jax  # noqa: E402
 
+from drt_jax import backends  # noqa: E402
+
+backends.patient_cpu_collectives()  # two test workers share two cores with 8 devices each
+
 _CACHE = os.environ.get("DRT_JAX_COMPILE_CACHE",
                         os.path.join(os.path.expanduser("~"), ".cache", "drt_jax", "jax"))
 jax.config.update("jax_compilation_cache_dir", _CACHE)
