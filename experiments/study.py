@@ -145,10 +145,13 @@ def final(base, out: str, smoke: bool):
   settings = tuned_settings(tune_rows)
   seeds = SEEDS[:2] if smoke else SEEDS
   path = os.path.join(out, "final.jsonl")
-  # DRT on the ring first: the matched-mixing baseline needs its self-weights.
-  order = sorted(METHODS, key=lambda m: (m != "drt/ring", m))
+  # DRT first, then the ATC baselines matched to its mixing (they need its self-weights, and
+  # they decide the fairness question), then the rest.
+  first = [f"drt/{g}" for g in GRAPHS]
+  order = first + sorted(m for m in METHODS if m not in first)
   points = [{**METHODS[m], **settings[m], "seed": s, "method": m} for m in order for s in seeds]
-  rows = _with_method(sweep.run(base, _strip_points(points), path), points)
+  drt_points = [p for p in points if p["method"] in first]
+  rows = _with_method(sweep.run(base, _strip_points(drt_points), path), drt_points)
   matched = []
   for g in GRAPHS:
     drt_rows = [r for r in rows if r["overrides"].get("method") == f"drt/{g}"
@@ -161,6 +164,8 @@ def final(base, out: str, smoke: bool):
     matched += [{**METHODS[f"atc/{g}"], **settings[f"atc/{g}"], "self_weight": s, "seed": seed,
                  "method": f"atc_matched/{g}"} for seed in seeds]
   rows += _with_method(sweep.run(base, _strip_points(matched), path), matched)
+  rest = [p for p in points if p["method"] not in first]
+  rows += _with_method(sweep.run(base, _strip_points(rest), path), rest)
   return rows
 
 
