@@ -129,6 +129,13 @@ def make_model(c: ml_collections.ConfigDict, data: data_lib.Data) -> models.Mode
   return models.make(c.model, data.classes, input_shape=data.train_images.shape[1:], **options)
 
 
+# Steps dispatched ahead of the one the host waits for. Enough to keep an accelerator busy; and
+# bounded, because XLA:CPU with several virtual devices deadlocks when hundreds of steps with
+# collectives queue up (each device's threads wait in a later step's rendezvous while an earlier
+# step still needs them).
+MAX_STEPS_IN_FLIGHT = 4
+
+
 def agents_finite(stacked_tree) -> jax.Array:
   """bool ``[K]``: whether every entry of agent k's slice of every leaf is finite."""
   leaves = jax.tree.leaves(stacked_tree)
@@ -800,6 +807,8 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
     for step in range(first + 1, c.num_steps + 1):
       state, m = progs.train_step(state, topo, dev)
       pending.append(m)
+      if len(pending) > MAX_STEPS_IN_FLIGHT:
+        jax.block_until_ready(pending[-MAX_STEPS_IN_FLIGHT - 1])
       logs = bool(c.log_every and step % c.log_every == 0)
       saves = ckpt is not None and bool(c.checkpoint_every) and (
           step % c.checkpoint_every == 0 or step == c.num_steps)
