@@ -77,6 +77,7 @@ def run_configs(c) -> dict:
   # --config.compare=drt,atc arrives as one string (or a tuple holding one).
   compare = tuple(a.strip() for item in ((compare,) if isinstance(compare, str) else compare)
                   for a in str(item).split(",") if a.strip())
+  compare = compare or (library.get("algorithm", "atc"),)  # --config.compare= : just one run
   if len(set(compare)) != len(compare):
     raise ValueError(f"config.compare={compare!r} names an algorithm twice; list each once")
   return {name: config_lib.resolve({**library, "algorithm": name}) for name in compare}

@@ -91,6 +91,8 @@ class BinaryTest(absltest.TestCase):
     c = get_config("default", "smoke")
     c.compare = ("local,atc",)
     self.assertEqual(list(train_binary.run_configs(c)), ["local", "atc"])
+    c.compare = ("",)  # --config.compare= : the config's own algorithm alone
+    self.assertEqual(list(train_binary.run_configs(c)), [c.algorithm])
     c.compare = ("atc", "atc")
     with self.assertRaisesRegex(ValueError, "names an algorithm twice"):
       train_binary.run_configs(c)
