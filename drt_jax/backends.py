@@ -80,14 +80,18 @@ def agents_mesh() -> Mesh:
 
 
 def per_agent(fn: Callable, backend: str, num_agents: int, chunk_size: int | None = None,
-              shared: tuple[int, ...] = ()) -> Callable:
+              shared: tuple[int, ...] = (), blocks: tuple[int, ...] = ()) -> Callable:
   """Lifts ``fn`` (one agent's arrays -> pytree) to stacked arrays with the chosen back-end.
 
   Positional arguments listed in ``shared`` are the same for every agent (no agent axis), e.g.
-  an evaluation batch.
+  an evaluation batch. Those listed in ``blocks`` hold one block per device stacked along their
+  first axis (:func:`device_blocks`): with ``shard`` each agent sees its own device's block
+  whole, with the other back-ends (one block) they act as ``shared``.
   """
   check(backend, num_agents, chunk_size)
   backend = resolve(backend, num_agents)
+  shared = tuple(shared) + tuple(blocks)
+
   def in_axes(n):
     return tuple(None if i in shared else 0 for i in range(n))
 
@@ -118,7 +122,7 @@ def per_agent(fn: Callable, backend: str, num_agents: int, chunk_size: int | Non
   mesh = agents_mesh()
 
   def sharded(*args):
-    specs = tuple(PartitionSpec() if i in shared else PartitionSpec(AGENTS)
+    specs = tuple(PartitionSpec() if i in shared and i not in blocks else PartitionSpec(AGENTS)
                   for i in range(len(args)))
     return jax.shard_map(jax.vmap(fn, in_axes=in_axes(len(args))), mesh=mesh, in_specs=specs,
                          out_specs=PartitionSpec(AGENTS))(*args)
@@ -187,6 +191,35 @@ def from_agent_rows(rows: Callable[[int, int], np.ndarray], shape: tuple[int, ..
     return rows(start, stop)[(slice(None),) + tuple(index[1:])]
 
   return jax.make_array_from_callback(tuple(shape), sharding, block)
+
+
+def agent_blocks(backend: str, num_agents: int) -> list[tuple[int, int]]:
+  """``(start, stop)`` of the agents each device computes, in mesh order; ``[(0, K)]`` (one
+  block) without the ``shard`` back-end."""
+  if resolve(backend, num_agents) != "shard":
+    return [(0, num_agents)]
+  per = num_agents // jax.device_count()
+  return [(j * per, (j + 1) * per) for j in range(jax.device_count())]
+
+
+def device_blocks(block: Callable[[int], np.ndarray], shape: tuple[int, ...], backend: str,
+                  num_agents: int) -> jax.Array:
+  """One block of ``shape`` per entry of :func:`agent_blocks`, stacked along the first axis.
+
+  ``block(j)`` returns the host block of the j-th device. With the ``shard`` back-end the result
+  is split over the agents mesh, each device holding its own block, and each process calls
+  ``block`` for its own devices only; otherwise it is ``block(0)`` on the default device.
+  """
+  sharding = split(backend, num_agents)
+  if sharding is None:
+    return jax.numpy.asarray(block(0))
+  rows = shape[0]
+
+  def local(index):
+    start, _, _ = index[0].indices(jax.device_count() * rows)
+    return block(start // rows)[(slice(None),) + tuple(index[1:])]
+
+  return jax.make_array_from_callback((jax.device_count() * rows, *shape[1:]), sharding, local)
 
 
 def split(backend: str, num_agents: int) -> NamedSharding | None:

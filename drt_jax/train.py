@@ -61,10 +61,16 @@ class TrainState(NamedTuple):
 
 
 class DeviceData(NamedTuple):
-  """The training set on device once, and the agents' padded index lists."""
+  """The training examples on device, and the agents' padded index lists into them.
 
-  images: jax.Array  # [N, ...] as stored (uint8 or float)
-  labels: jax.Array  # int32[N]
+  With the ``shard`` back-end each device holds only the examples of its own agents: ``images``
+  and ``labels`` stack one block of M rows per device (split over the agents mesh) and ``idx``
+  holds positions within the agent's device block. Otherwise they hold the whole training split
+  once (M = N) and ``idx`` its example indices.
+  """
+
+  images: jax.Array  # [n_blocks * M, ...] as stored (uint8 or float)
+  labels: jax.Array  # int32[n_blocks * M]
   idx: jax.Array  # int32[K, Nmax]
   counts: jax.Array  # int32[K]
   mean: jax.Array  # per-channel normalisation
@@ -152,18 +158,26 @@ def _stack(tree, k_count):
   return jax.tree.map(lambda x: jnp.tile(x[None], (k_count,) + (1,) * x.ndim), tree)
 
 
-def draw_batch(key, step, d: DeviceData, batch_size: int, augmentation: str = "none"):
+def draw_batch(key, step, d: DeviceData, batch_size: int, augmentation: str = "none",
+               backend: str = "vmap"):
   """Every agent's training batch at ``step``, drawn on the device: ``(x [K, B, ...], y [K, B])``.
 
   Indices come from each agent's own list, without replacement within its local epochs
   (:func:`drt_jax.data.sample_indices`, keyed by the run's sampling key alone so that an epoch's
-  order stays fixed across its steps); augmentation uses a key folded with the step; images are
-  normalised last.
+  order stays fixed across its steps); with the ``shard`` back-end each device reads its agents'
+  examples from its own block of ``d`` (:func:`device_data`). Augmentation uses a key folded with
+  the step; images are normalised last.
   """
   idx = data_lib.sample_indices(jax.random.fold_in(key, 0), step, d.idx, d.counts, batch_size)
-  x = data_lib.augment(augmentation, jax.random.fold_in(jax.random.fold_in(key, 1), step),
-                       d.images[idx])
-  return _normalise(x, d.mean, d.std), d.labels[idx]
+  k_count = d.idx.shape[0]
+  if backends.resolve(backend, k_count) == "shard":
+    take = backends.per_agent(lambda images, labels, i: (images[i], labels[i]), backend, k_count,
+                              blocks=(0, 1))
+    x, y = take(d.images, d.labels, idx)
+  else:
+    x, y = d.images[idx], d.labels[idx]
+  x = data_lib.augment(augmentation, jax.random.fold_in(jax.random.fold_in(key, 1), step), x)
+  return _normalise(x, d.mean, d.std), y
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,7 +225,7 @@ def build_programs(c: ml_collections.ConfigDict, model: models.Model,
     return jax.lax.with_sharding_constraint(tree, shardings)
 
   def train_step(state: TrainState, topology, d: DeviceData):
-    x, y = draw_batch(state.key, state.step, d, batch, augmentation)
+    x, y = draw_batch(state.key, state.step, d, batch, augmentation, c.backend)
     fault_metrics, step_kw, f = {}, {}, None
     if fault_spec is not None:  # a Python branch: no fault code in a fault-free program
       base = combine_lib.as_mixing(topology, state.alg_state.count)
@@ -297,10 +311,11 @@ def build_programs(c: ml_collections.ConfigDict, model: models.Model,
   if state_sh is None:  # one device: placement is JAX's default
     return Programs(jax.jit(train_step, donate_argnums=(0,)), jax.jit(evaluate),
                     jax.jit(param_metrics))
-  # On the agents mesh the inputs must already be where the step computes: stacked leaves split
-  # over it, the data's examples and the graph whole on every device (the outputs are placed).
+  # On the agents mesh the inputs must already be where the step computes: stacked leaves and
+  # the devices' blocks of examples split over it, the graph and the normalisation whole on every
+  # device (the outputs are placed).
   split, whole = backends.split(c.backend, k_count), backends.replicated(c.backend, k_count)
-  data_sh = DeviceData(images=whole, labels=whole, idx=split, counts=split, mean=whole, std=whole)
+  data_sh = DeviceData(images=split, labels=split, idx=split, counts=split, mean=whole, std=whole)
   step = jax.jit(train_step, donate_argnums=(0,), in_shardings=(state_sh, whole, data_sh))
   return Programs(step, jax.jit(evaluate), jax.jit(param_metrics))
 
@@ -415,25 +430,45 @@ def prepare_data(c: ml_collections.ConfigDict, d: data_lib.Data) -> Prepared:
 
 
 def device_data(d: data_lib.Data, parts, backend: str = "vmap") -> DeviceData:
-  """The training split on the device once, with the agents' padded index lists.
+  """The training examples on the device with the agents' padded index lists (:class:`DeviceData`).
 
-  With the ``shard`` back-end the index lists are split over the agents mesh and each process
-  builds only the rows of its own agents; the examples and their normalisation are replicated.
+  With the ``shard`` back-end each device holds only the union of its agents' examples, padded to
+  the largest device's count, and each process builds only its own devices' blocks and agents'
+  lists; the normalisation (of the whole split, so results do not depend on the devices) is
+  replicated. Otherwise the whole split is on the device once.
   """
-  k_count = len(parts)
-  width, counts = data_lib.padded_width(parts, len(d.train_labels))
+  k_count, n_examples = len(parts), len(d.train_labels)
+  width, counts = data_lib.padded_width(parts, n_examples)
+  groups = backends.agent_blocks(backend, k_count)
+  if len(groups) == 1:
+    held = [np.arange(n_examples)]
+  else:
+    held = [np.unique(np.concatenate([np.asarray(p) for p in parts[a:b]])) for a, b in groups]
+  m = max(len(h) for h in held)
+  per = groups[0][1] - groups[0][0]
+  labels = np.asarray(d.train_labels, np.int32)
 
   def rows(start, stop):
-    return data_lib.pad_partition(parts[start:stop], len(d.train_labels), width=width)[0]
+    local = [np.searchsorted(held[start // per], p) for p in parts[start:stop]]
+    return data_lib.pad_partition(local, m, width=width)[0]
+
+  def block(array):
+    def one(j):
+      if len(groups) == 1:
+        return array
+      pad = np.zeros((m - len(held[j]), *array.shape[1:]), array.dtype)
+      return np.concatenate([array[held[j]], pad])
+
+    return backends.device_blocks(one, (m, *array.shape[1:]), backend, k_count)
 
   mean, std = data_lib.normalisation(d.train_images)
-  whole = backends.place(dict(images=d.train_images, labels=np.asarray(d.train_labels, np.int32),
-                              mean=mean, std=std), backend, k_count, stacked=False)
-  whole = {k: v if isinstance(v, jax.Array) else jnp.asarray(v) for k, v in whole.items()}
-  return DeviceData(idx=backends.from_agent_rows(rows, (k_count, width), backend, k_count),
+  stats = backends.place(dict(mean=mean, std=std), backend, k_count, stacked=False)
+  stats = {k: v if isinstance(v, jax.Array) else jnp.asarray(v) for k, v in stats.items()}
+  return DeviceData(images=block(d.train_images), labels=block(labels),
+                    idx=backends.from_agent_rows(rows, (k_count, width), backend, k_count),
                     counts=backends.from_agent_rows(lambda a, b: counts[a:b], (k_count,),
                                                     backend, k_count),
-                    **whole)
+                    **stats)
 
 
 def _data_digest(prepared: Prepared) -> str:

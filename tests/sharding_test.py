@@ -10,7 +10,7 @@ import optax
 from absl.testing import absltest, parameterized
 from jax.sharding import NamedSharding, PartitionSpec
 
-from drt_jax import algorithms, backends, combine, config, data, topology, train
+from drt_jax import algorithms, backends, combine, config, data, partition, topology, train
 
 K = 16
 CIRCULANT = ("ring", "torus", "exponential", "one_peer_exponential", "full")
@@ -105,7 +105,9 @@ class CollectivesTest(parameterized.TestCase):
     for leaf in (dev.idx, dev.counts):
       self.assertEqual(leaf.sharding.spec, PartitionSpec(backends.AGENTS))
       self.assertEqual({s.data.shape[0] for s in leaf.addressable_shards}, {per_device})
-    self.assertTrue(dev.images.sharding.is_fully_replicated)
+    for leaf in (dev.images, dev.labels):
+      self.assertEqual(leaf.sharding.spec, PartitionSpec(backends.AGENTS))
+    self.assertTrue(dev.mean.sharding.is_fully_replicated)
     self.assertEqual(backends.local_agents(dev.idx), list(range(K)))  # one process holds all
     state = train.init_state(c, model, alg, topo)
     state, metrics = train.build_programs(c, model, alg).train_step(state, topo, dev)
@@ -113,6 +115,32 @@ class CollectivesTest(parameterized.TestCase):
       self.assertEqual(leaf.sharding.spec, PartitionSpec(backends.AGENTS))
     self.assertTrue(state.step.sharding.is_fully_replicated)
     np.testing.assert_array_equal(backends.to_host(metrics["finite"]), np.ones(K, bool))
+
+  @parameterized.parameters(("shards", 0.0), ("dirichlet", 0.1))
+  def test_each_device_holds_only_its_agents_examples(self, kind, alpha):
+    d = data.synthetic(num_train=4096, num_test=16, shape=(4, 4, 1), seed=0)
+    parts = partition.make(kind, d.train_labels, K, seed=0, alpha=alpha, classes_per_agent=2,
+                           min_per_agent=8)
+    dev = train.device_data(d, parts, "shard")
+    whole = train.device_data(d, parts, "vmap")
+    n, per = jax.device_count(), K // jax.device_count()
+    rows = dev.images.shape[0] // n
+    self.assertLess(max(s.data.nbytes for s in dev.images.addressable_shards),
+                    d.train_images.nbytes)
+    self.assertLess(train.device_bytes(dev.images), n * d.train_images.nbytes)
+    idx, counts = backends.to_host(dev.idx), backends.to_host(dev.counts)
+    labels = {s.device: np.asarray(s.data) for s in dev.labels.addressable_shards}
+    for shard in dev.images.addressable_shards:
+      j = shard.index[0].indices(dev.images.shape[0])[0] // rows
+      mine = np.unique(np.concatenate(parts[j * per:(j + 1) * per]))
+      np.testing.assert_array_equal(np.asarray(shard.data)[:len(mine)], d.train_images[mine])
+      np.testing.assert_array_equal(labels[shard.device][:len(mine)], d.train_labels[mine])
+      for k in range(j * per, (j + 1) * per):  # block positions lead to the agent's examples
+        np.testing.assert_array_equal(mine[idx[k, :counts[k]]], parts[k])
+    for step in (0, 5):  # the same batches as from one copy of the whole split
+      for got, want in zip(train.draw_batch(jax.random.key(3), step, dev, 4, backend="shard"),
+                           train.draw_batch(jax.random.key(3), step, whole, 4)):
+        np.testing.assert_array_equal(backends.to_host(got), np.asarray(want))
 
   @parameterized.parameters("ring", "torus")
   def test_combine_uses_collective_permute_only(self, kind):

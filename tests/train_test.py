@@ -239,12 +239,9 @@ def _one_step(c, model, state_fn, topo, dev, steps=1):
 
 
 def _device_data(c, d):
-  parts = data.partition_iid(len(d.train_labels), c.num_agents, seed=0)
-  idx, counts = data.pad_partition(parts, len(d.train_labels))
-  mean, std = data.normalisation(d.train_images)
-  return train.DeviceData(jnp.asarray(d.train_images), jnp.asarray(d.train_labels),
-                          jnp.asarray(idx), jnp.asarray(counts), jnp.asarray(mean),
-                          jnp.asarray(std))
+  """The data as ``c.backend`` wants it (``shard``: each device its agents' examples)."""
+  return train.device_data(d, data.partition_iid(len(d.train_labels), c.num_agents, seed=0),
+                           c.backend)
 
 
 class CompiledStepTest(parameterized.TestCase):
@@ -256,14 +253,13 @@ class CompiledStepTest(parameterized.TestCase):
                                              "batch_norm": True}, "algorithm": "drt"})
     model = train.make_model(base, d)
     topo = train.make_topology(base)
-    dev = _device_data(base, d)
     results = {}
     for backend, chunk in (("vmap", 0), ("chunked", 4), ("map", 0), ("shard", 0)):
       if backend == "shard" and jax.local_device_count() < 2:
         continue
       c = config.resolve({**base.to_dict(), "backend": backend, "chunk_size": chunk})
       state, _ = _one_step(c, model, lambda alg, c=c: train.init_state(c, model, alg, topo),
-                           topo, dev, steps=2)
+                           topo, _device_data(c, d), steps=2)
       results[backend] = (state.params, state.model_state)
     self.assertGreaterEqual(len(results), 3)
     for backend, tree in results.items():
