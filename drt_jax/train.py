@@ -758,7 +758,7 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
                backends.resolve(c.backend, c.num_agents))
   mine = backends.local_agents(dev.idx)
   span = f"{mine[0]}-{mine[-1]}" if mine == list(range(mine[0], mine[-1] + 1)) else str(mine)
-  logging.info("process %d of %d holds agents %s (their index lists) on %d devices",
+  logging.info("process %d of %d holds agents %s (their examples and index lists) on %d devices",
                jax.process_index(), jax.process_count(), span, jax.local_device_count())
   logging.info("topology %s (slem %.4f); algorithm %s; K=%d", topo, topo.slem(), c.algorithm,
                c.num_agents)

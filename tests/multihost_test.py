@@ -113,7 +113,7 @@ class MultiProcessRunTest(absltest.TestCase):
   def test_each_process_holds_its_own_agents(self):
     for pid, (_, _, stderr) in enumerate(self.results):
       self.assertRegex(stderr, rf"process {pid} of 2 holds agents {4 * pid}-{4 * pid + 3} "
-                       r"\(their index lists\) on 4 devices")
+                       r"\(their examples and index lists\) on 4 devices")
 
   def test_files_are_written_once(self):
     run_dir = os.path.join(self.workdir, "drt")
