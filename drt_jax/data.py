@@ -1,11 +1,13 @@
 """In-memory datasets, partitions across agents, and per-agent sampling inside the compiled step.
 
-The training images live on the device once (not K copies). Agent k owns a list of training
-indices; the lists are padded to a common length ``[K, N]`` with their true lengths ``[K]``. Each
-step every agent draws its batch from its own list, without replacement within a local epoch and
-in a fresh random order every epoch: positions ``t = step * B + b`` of agent k's stream map to
-``perm_e[t mod n_k]`` with ``e = t // n_k`` and ``perm_e`` a seeded permutation of its valid
-slots. The batch is a pure function of (key, step), so a resumed run draws the same batches.
+The training images live on the device once (not K copies; with agents sharded over devices each
+device holds only its agents' examples, :func:`drt_jax.train.device_data`). Agent k owns a list of
+training indices; the lists are padded to a common length ``[K, N]`` with their true lengths
+``[K]``. Each step every agent draws its batch from its own list, without replacement within a
+local epoch and in a fresh random order every epoch: positions ``t = step * B + b`` of agent k's
+stream map to ``perm_e[t mod n_k]`` with ``e = t // n_k`` and ``perm_e`` a seeded permutation of
+its valid slots. The batch is a pure function of (key, step), so a resumed run draws the same
+batches.
 """
 
 from collections.abc import Mapping, Sequence

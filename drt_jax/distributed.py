@@ -3,7 +3,8 @@
 JAX runs one Python process per host (or per GPU); ``jax.distributed.initialize`` joins them into
 one system whose ``jax.devices()`` are every process's devices. The agents mesh
 (:func:`drt_jax.backends.agents_mesh`) then spans all of them: each process computes only the
-agents of its own devices, and the combine's collectives cross hosts.
+agents of its own devices and holds only their training examples
+(:func:`drt_jax.train.device_data`), and the combine's collectives cross hosts.
 
 :func:`initialize` takes the coordinator address (``host:port`` of process 0, which serves it),
 the process count and this process's id from its arguments or from ``DRT_JAX_COORDINATOR``,

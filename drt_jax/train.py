@@ -481,9 +481,17 @@ def _data_digest(prepared: Prepared) -> str:
 
 
 def device_bytes(tree) -> int:
-  """Bytes that the arrays of ``tree`` occupy on their devices (every replica counted)."""
-  return sum(shard.data.nbytes for leaf in jax.tree.leaves(tree)
-             for shard in leaf.addressable_shards)
+  """Bytes that the arrays of ``tree`` occupy on this process's devices (every replica counted)."""
+  return sum(bytes_per_device(tree).values())
+
+
+def bytes_per_device(tree) -> dict:
+  """Bytes that the arrays of ``tree`` occupy on each of this process's devices."""
+  out = {}
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+  return out
 
 
 def init_state(c, model: models.Model, alg: algorithms.Algorithm, topology) -> TrainState:

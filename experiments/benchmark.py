@@ -255,25 +255,30 @@ def _device_data(d: data_lib.Data, k_count: int, backend: str = "vmap") -> train
 
 
 def data_memory(name: str, k_count: int) -> dict:
-  """Device bytes of a dataset set up for K agents as training does: one copy plus indices."""
+  """Device bytes of a dataset set up for K agents as training does (back-end ``auto``): one copy
+  plus indices on one device; with ``shard``, each device its agents' examples."""
   c = config_lib.resolve({"dataset": name, "num_agents": k_count, "batch_size": 1})
   d = train.load_data(c)
-  dev = train.device_data(d, train.prepare_data(c, d).parts)
+  backend = backends.resolve(c.backend, k_count)
+  dev = train.device_data(d, train.prepare_data(c, d).parts, backend)
   parts = {field: train.device_bytes(getattr(dev, field)) for field in dev._fields}
-  total = sum(parts.values())
+  per_device = train.bytes_per_device(dev)
+  split_bytes = d.train_images.nbytes + 4 * len(d.train_labels)  # the split once, labels int32
   return {"dataset": d.name, "K": k_count, "train_examples": len(d.train_labels),
-          "device_bytes": total, "bytes_by_field": parts,
-          "k_copies_bytes": k_count * (parts["images"] + parts["labels"]),
-          "devices": jax.local_device_count()}
+          "backend": backend, "device_bytes": sum(parts.values()), "bytes_by_field": parts,
+          "max_device_bytes": max(per_device.values()), "split_bytes": split_bytes,
+          "k_copies_bytes": k_count * split_bytes, "devices": jax.local_device_count()}
 
 
 def _data_memory_line(m: dict) -> str:
   mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
+  spread = (f", at most {mib(m['max_device_bytes'])} on one of {m['devices']} devices "
+            f"(the split once: {mib(m['split_bytes'])})" if m["backend"] == "shard" else "")
   return (f"data on device, {m['dataset']} ({m['train_examples']:,} training examples), "
           f"K = {m['K']}: {mib(m['device_bytes'])} = images {mib(m['bytes_by_field']['images'])}"
           f" + labels {mib(m['bytes_by_field']['labels'])} + index lists "
-          f"{mib(m['bytes_by_field']['idx'] + m['bytes_by_field']['counts'])}; K copies would "
-          f"be {mib(m['k_copies_bytes'])}")
+          f"{mib(m['bytes_by_field']['idx'] + m['bytes_by_field']['counts'])}{spread}; K copies "
+          f"would be {mib(m['k_copies_bytes'])}")
 
 
 class Case(NamedTuple):

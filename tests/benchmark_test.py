@@ -53,12 +53,12 @@ class BenchmarkSmokeTest(absltest.TestCase):
     self.assertIn("machine", lines[0])
     self.assertEqual([ln for ln in lines if "variant" in ln], rows)
     self.assertIn("| mlp | 4 | shard(2) |", result["table"])
-    # The data-memory line: one copy of the images (on each of the 2 devices at most), not K.
+    # The data-memory line: the 2 devices split the examples between them, not K copies.
     memory = result["data_memory"]
-    self.assertEqual(memory["K"], 64)
-    images = memory["bytes_by_field"]["images"]
-    self.assertLessEqual(memory["device_bytes"], 2 * images + 2**20)
-    self.assertEqual(memory["k_copies_bytes"] // 64, images + memory["bytes_by_field"]["labels"])
+    self.assertEqual((memory["K"], memory["backend"]), (64, "shard"))
+    self.assertLessEqual(memory["device_bytes"], memory["split_bytes"] + 2**20)
+    self.assertLessEqual(memory["max_device_bytes"], memory["split_bytes"] // 2 + 2**20)
+    self.assertEqual(memory["k_copies_bytes"], 64 * memory["split_bytes"])
     self.assertIn("data on device, synthetic", result["table"])
     # The combine alone: both paths timed per K, and the ratio is theirs.
     self.assertEqual([r["K"] for r in result["combine"]], [8, 16])
