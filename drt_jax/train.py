@@ -66,7 +66,8 @@ class DeviceData(NamedTuple):
   With the ``shard`` back-end each device holds only the examples of its own agents: ``images``
   and ``labels`` stack one block of M rows per device (split over the agents mesh) and ``idx``
   holds positions within the agent's device block. Otherwise they hold the whole training split
-  once (M = N) and ``idx`` its example indices.
+  once (M = N) and ``idx`` its example indices. Build it with :func:`device_data` for the
+  back-end of the step that reads it: the two layouts have the same shapes on one device.
   """
 
   images: jax.Array  # [n_blocks * M, ...] as stored (uint8 or float)
