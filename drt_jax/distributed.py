@@ -83,7 +83,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   Raises:
     ValueError: an incomplete or malformed set of arguments (one line naming the fix).
     ConnectionError: process ``process_id > 0`` could not reach the coordinator within
-      ``timeout_s`` (the message names the address).
+      ``timeout_s``, or JAX refused the join (port taken, ids clashing); the one line names the
+      address.
   If the coordinator is reached but not every process arrives within ``timeout_s``, the process
   prints one line naming the address and exits with status 1 (JAX offers no way to abandon a join
   and carry on).
@@ -103,7 +104,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                        f"process_id; {', '.join(missing)} missing (flags --{missing[0]} or "
                        "DRT_JAX_* environment variables), or coordinator_address='auto' on a "
                        "TPU pod slice or Slurm")
-    if n < 1 or not 0 <= pid < n:
+    if n < 1:
+      raise ValueError(f"num_processes={n} must be >= 1")
+    if not 0 <= pid < n:
       raise ValueError(f"process_id={pid} with num_processes={n}: ids run from 0 to "
                        f"num_processes - 1")
     if n == 1:
@@ -122,8 +125,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                           f"--coordinator_address / {ENV_COORDINATOR}")
 
   def give_up():
-    print(f"error: not every process joined {where} within {timeout_s:g}s (this is process "
-          f"{pid}); start all {n or 'the'} processes with the same coordinator address and "
+    me = "this process" if pid is None else f"this is process {pid}"
+    print(f"error: not every process joined {where} within {timeout_s:g}s ({me}); start all "
+          f"{n or 'the'} processes with the same coordinator address and "
           "process count, each with its own process id", file=sys.stderr, flush=True)
     os._exit(_EXIT_CODE)  # noqa: SLF001 -- the join cannot be abandoned from Python
 
@@ -134,9 +138,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   try:
     # XLA's own deadline comes later, so the watchdog's one line is what a user sees.
     jax.distributed.initialize(**kw, initialization_timeout=int(left) + 30)
-  except RuntimeError as e:
-    raise RuntimeError(f"joining {where} failed: {str(e).splitlines()[0]} (initialize must run "
-                       "before JAX's first operation)") from e
+  except RuntimeError as e:  # e.g. the port is taken, or two processes share an id
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    hint = (" (initialize must run before JAX's first operation)"
+            if "before" in first or "already" in first else "")
+    raise ConnectionError(f"joining {where} failed: {first}{hint}") from None
   finally:
     watchdog.cancel()
   return True
@@ -172,8 +178,9 @@ def check_agreement(values: dict[str, str], fix: str) -> None:
 def on_main(fn):
   """``fn()`` run on process 0 alone; every process returns its JSON-able result.
 
-  A ValueError that ``fn`` raises on process 0 is raised on every process (same message), so a
-  refusal never leaves the other processes waiting. In a single-process run: ``fn()``.
+  An exception that ``fn`` raises on process 0 is raised on every process as a ValueError with
+  its message (first line), so a refusal or a failure never leaves the other processes waiting.
+  In a single-process run: ``fn()``.
   """
   if jax.process_count() == 1:
     return fn()
@@ -182,13 +189,15 @@ def on_main(fn):
   buf = np.zeros(_MESSAGE_BYTES, np.uint8)
   if is_main():
     try:
-      out = {"ok": fn()}
-    except ValueError as e:
-      out = {"error": str(e)}
-    text = json.dumps(out).encode()
-    if len(text) > _MESSAGE_BYTES:
-      text = json.dumps({"error": f"on_main: {fn} returned more than {_MESSAGE_BYTES} bytes of "
-                                  "JSON; return less"}).encode()
+      text = json.dumps({"ok": fn()}).encode()
+      if len(text) > _MESSAGE_BYTES:
+        raise ValueError(f"on_main: {getattr(fn, '__name__', fn)} returned more than "
+                         f"{_MESSAGE_BYTES} bytes of JSON; return less")
+    except Exception as e:  # noqa: BLE001 -- every failure must reach the other processes
+      message = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      if not isinstance(e, ValueError):
+        message = f"{type(e).__name__}: {message}"
+      text = json.dumps({"error": message[:_MESSAGE_BYTES // 2]}).encode()
     buf[:len(text)] = np.frombuffer(text, np.uint8)
   buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
   out = json.loads(bytes(buf).rstrip(b"\0").decode())
