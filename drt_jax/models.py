@@ -53,13 +53,12 @@ def shifted_matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rh
 
     conv = nn.Conv(16, (3, 3), conv_general_dilated=shifted_matmul_conv)
   """
-  del dimension_numbers  # flax passes channels-last numbers, which is what this computes
   dilated = any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
   if lhs.ndim != 4 or feature_group_count != 1 or dilated:
     return jax.lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-        jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")),
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, precision=precision, preferred_element_type=preferred_element_type)
+  # 2-D: flax passes channels-last numbers (NHWC, HWIO), which is what the taps compute.
   kh, kw = rhs.shape[:2]
   sh, sw = window_strides
   if isinstance(padding, str):

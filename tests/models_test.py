@@ -148,6 +148,13 @@ class ConvFormulationTest(parameterized.TestCase):
     want, got = per_agent(xla), per_agent(taps)
     chex.assert_trees_all_close(got, want, rtol=2e-4, atol=2e-4)
 
+  def test_other_convolutions_fall_back_to_lax(self):
+    x = jax.random.normal(jax.random.key(0), (2, 9, 3))
+    one_d = nn.Conv(4, (3,), conv_general_dilated=models.shifted_matmul_conv)
+    plain = nn.Conv(4, (3,))
+    v = plain.init(jax.random.key(1), x)
+    np.testing.assert_allclose(one_d.apply(v, x), plain.apply(v, x), rtol=1e-5, atol=1e-5)
+
   def test_unknown_conv(self):
     with self.assertRaisesWithLiteralMatch(
         ValueError, "unknown conv 'fft'; expected one of: xla, taps"):
