@@ -98,6 +98,10 @@ def pad_partition(parts: Sequence[np.ndarray], num_examples: int,
   if width is None:
     width, _ = padded_width(parts, num_examples)
   counts = np.array([len(p) for p in parts], np.int32)
+  if len(counts) and counts.max() > width:
+    k = int(counts.argmax())
+    raise ValueError(f"agent {k} has {counts[k]} examples, more than the index width {width}; "
+                     "pass the width of the longest list (padded_width)")
   idx = np.zeros((len(parts), width), np.int32)
   for k, p in enumerate(parts):
     idx[k, :len(p)] = p

@@ -42,6 +42,11 @@ class PartitionTest(parameterized.TestCase):
     self.assertGreaterEqual(min(len(p) for p in parts), minimum)
     data.pad_partition(parts, labels.size)  # the device path accepts it
 
+  def test_pad_partition_refuses_a_width_too_small(self):
+    parts = [np.arange(5), np.arange(5, 8)]
+    with self.assertRaisesRegex(ValueError, "agent 0 has 5 examples, more than the index width 4"):
+      data.pad_partition(parts, 8, width=4)
+
   @parameterized.named_parameters(*_kind_size_cases())
   def test_seeded(self, kind, k_count):
     labels = _labels()
