@@ -134,12 +134,11 @@ def shardings(shapes, backend: str, num_agents: int, *, stacked: bool = True):
   """The shardings :func:`place` would give a tree of these shapes (None: JAX's default)."""
   if resolve(backend, num_agents) != "shard":
     return None
-  mesh = agents_mesh()
-  split, whole = NamedSharding(mesh, PartitionSpec(AGENTS)), NamedSharding(mesh, PartitionSpec())
+  along, whole = split(backend, num_agents), replicated(backend, num_agents)
 
   def pick(x):
     is_stacked = stacked and len(getattr(x, "shape", ())) >= 1 and x.shape[0] == num_agents
-    return split if is_stacked else whole
+    return along if is_stacked else whole
 
   return jax.tree.map(pick, shapes)
 
