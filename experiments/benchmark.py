@@ -27,6 +27,11 @@ that ran below R times the single model at a smaller K (lax.map-based back-ends 
 where ``memory_stats()`` is unsupported, as on CPU);
 ``xla_mb`` is XLA's estimate for the compiled program (arguments + outputs - aliased + temporaries).
 
+``--profile_steps N`` runs N more steps of every row but the loop under ``jax.profiler`` and
+adds the device time per step by kind of XLA op (convolutions, matmuls, reductions, transposes and
+copies, ...; :mod:`op_profile`) to the row, with a table per model and K comparing the variants:
+where a vmapped step loses against the single model.
+
 Each case is appended to ``<out>.jsonl`` as soon as it finishes (a killed run keeps what it
 measured); the full result goes to ``--out`` (JSON) and a markdown table to stdout.
 
@@ -90,6 +95,9 @@ flags.DEFINE_enum("conv", "auto", ["auto", "xla", "taps"], "Convolution formulat
                   "conv models (drt_jax.models.CONVS; 'auto': backends.best_conv).")
 flags.DEFINE_integer("scan_steps", 0, "If > 1, also time the best back-end with this many "
                      "steps fused into one dispatch by lax.scan (row 'scanN:<best>').")
+flags.DEFINE_integer("profile_steps", 0, "If > 0, trace this many more steps of the single model "
+                     "and of each back-end and report device time per kind of XLA op "
+                     "(experiments/op_profile.py).")
 flags.DEFINE_integer("host_devices", 1, "If > 1, virtual CPU devices to create (for 'shard').")
 
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
@@ -109,6 +117,7 @@ def _set_host_devices(n: int) -> None:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import op_profile  # noqa: E402  (experiments/, the script's own folder)
 import optax  # noqa: E402
 
 from drt_jax import (  # noqa: E402
@@ -126,6 +135,7 @@ class Measured(NamedTuple):
   step_s: list  # seconds per timed step
   xla_bytes: int | None
   loss: float | None  # mean loss of the last step (a sanity check, not a result)
+  profile: dict | None = None  # op_profile.summarize of --profile_steps more steps
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,8 +160,12 @@ def _peak_mb() -> float | None:
   return stats["peak_bytes_in_use"] / 2**20
 
 
-def _run(step, state, warmup: int, steps: int, budget_s: float):
-  """Runs ``state, loss = step(state)`` warmup + timed times; returns (step seconds, loss)."""
+def _run(step, state, warmup: int, steps: int, budget_s: float, compiled=None):
+  """Runs ``state, loss = step(state)`` warmup + timed times; returns (step seconds, loss, profile).
+
+  With ``--profile_steps`` and the ``compiled`` program, that many more steps run under the
+  profiler and ``profile`` is their per-op summary (else None).
+  """
   loss = None
   for _ in range(warmup):
     state, loss = jax.block_until_ready(step(state))
@@ -162,7 +176,15 @@ def _run(step, state, warmup: int, steps: int, budget_s: float):
     times.append(time.perf_counter() - start)
     if budget_s and sum(times) > budget_s and len(times) >= _MIN_TIMED_STEPS:
       break
-  return times, float(jnp.mean(loss))
+  loss, summary = float(jnp.mean(loss)), None
+  if FLAGS.profile_steps > 0 and compiled is not None:
+    try:  # a profiler that fails (no CUPTI, say) must not cost the case its timings
+      _, summary = op_profile.profile(lambda sl: step(sl[0]), (state, None), compiled.as_text(),
+                                      FLAGS.profile_steps)
+    except Exception as e:
+      logging.exception("profiling failed")
+      summary = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+  return times, loss, summary
 
 
 def _compile(jitted, *args):
@@ -324,8 +346,11 @@ def library_case(case: Case, backend: str, chunk_size: int, algorithm: str, run_
     s, m = compiled(s, topo, dev)
     return s, m["loss"]
 
-  times, loss = _run(step, state, **run_kw)
-  return Measured(compile_s, [t / scan_steps for t in times], _xla_bytes(compiled), loss)
+  times, loss, summary = _run(step, state, **run_kw, compiled=compiled)
+  if summary and "error" not in summary:
+    summary = op_profile.per_step(summary, scan_steps)
+  return Measured(compile_s, [t / scan_steps for t in times], _xla_bytes(compiled), loss,
+                  summary)
 
 
 class _SingleState(NamedTuple):
@@ -371,8 +396,8 @@ def single_case(case: Case, run_kw: dict):
   state = _single_state(case.model, opt, jax.random.key(0))
   program = _single_program(case.model, case.k_count * case.batch, opt)
   compiled, compile_s = _compile(program, state, dev)
-  times, loss = _run(lambda s: compiled(s, dev), state, **run_kw)
-  return Measured(compile_s, times, _xla_bytes(compiled), loss)
+  times, loss, summary = _run(lambda s: compiled(s, dev), state, **run_kw, compiled=compiled)
+  return Measured(compile_s, times, _xla_bytes(compiled), loss, summary)
 
 
 def loop_case(case: Case, run_kw: dict):
@@ -399,7 +424,7 @@ def loop_case(case: Case, run_kw: dict):
     return ([s._replace(params=p) for (s, _), p in zip(out, mixed, strict=True)],
             jnp.stack([loss for _, loss in out]))
 
-  times, loss = _run(round_, states, **run_kw)
+  times, loss, _ = _run(round_, states, **run_kw)
   return Measured(step_s + combine_s, times, _xla_bytes(step_c), loss)
 
 
@@ -434,6 +459,7 @@ def _row(case: Case, variant: str, backend, algorithm, m: Measured | None, *, si
       "xla_mb": None if m.xla_bytes is None else m.xla_bytes / 2**20, "loss": m.loss,
       # Other processes on the machine skew CPU timings; this makes that visible.
       "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+      **({"profile": m.profile} if m.profile else {}),
   }
 
 
@@ -457,6 +483,16 @@ def _table(machine: dict, rows: list, comparisons: list) -> str:
         f"| {r['model']} | {r['K']} | {r['variant']} | {r['img_s']:,.0f} | "
         f"{_fmt(r['ratio_vs_single'], '.2f')} | {r['step_ms']:.1f} | {r['compile_s']:.1f} | "
         f"{_fmt(r['peak_mb'], '.0f')} | {_fmt(r['xla_mb'], '.0f')} |")
+  groups = {}
+  for r in rows:
+    if r.get("profile") and "error" not in r["profile"]:
+      groups.setdefault((r["model"], r["K"]), {})[r["variant"]] = r["profile"]
+  for (model, k_count), profiles in groups.items():
+    lines += ["", f"Device time per step by kind of XLA op, {model}, K = {k_count} "
+              f"(experiments/op_profile.py):", "", op_profile.category_table(profiles)]
+    for variant, summary in profiles.items():
+      lines += ["", f"Costliest ops, {model}, K = {k_count}, {variant}:", "",
+                op_profile.top_table(summary, 10)]
   if comparisons:
     lines += ["", "| model | K | back-end | algorithm ms | compare ms | ratio |",
               "|---|---|---|---|---|---|"]
@@ -647,7 +683,8 @@ def main(argv):
       "baselines": FLAGS.baselines, "backends": FLAGS.backends, "chunk_size": FLAGS.chunk_size,
       "algorithm": FLAGS.algorithm, "compare": FLAGS.compare, "scan_steps": FLAGS.scan_steps,
       "topology": FLAGS.topology, "host_devices": FLAGS.host_devices,
-      "prune_below": FLAGS.prune_below, "case_budget_s": FLAGS.case_budget_s, "argv": sys.argv},
+      "prune_below": FLAGS.prune_below, "case_budget_s": FLAGS.case_budget_s,
+      "profile_steps": FLAGS.profile_steps, "argv": sys.argv},
       "rows": rows, "comparisons": comparisons, "combine": combine_rows, "combine_bytes": moved,
       "data_memory": memory,
       "table": table}

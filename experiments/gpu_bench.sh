@@ -30,7 +30,9 @@ bench() {  # name, cap in seconds, then benchmark flags
   echo "=== $name (<= ${t}s): $*"
   timeout "$t" "$PY" experiments/benchmark.py --data_memory= --combine_ks= \
     --out "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
-  grep -E "^\||rror" "$OUT/$name.log" | tail -20
+  # The throughput rows and the device-time-by-kind table (the costliest ops stay in the log).
+  grep -E "^\| (model|resnet20|cnn|mlp|category|conv|matmul|reduce|transpose/copy|gather/scatter\
+|collective|elementwise|\*\*device busy\*\*|coverage) |rror" "$OUT/$name.log" | tail -30
 }
 "$PY" -c "import jax, flax, optax; print(jax.devices(), jax.__version__, flax.__version__, \
 optax.__version__)"
@@ -40,25 +42,27 @@ if ! timeout 90 "$PY" experiments/benchmark.py --smoke --backends vmap,map --out
     > "$OUT/smoke.log" 2>&1; then
   tail -25 "$OUT/smoke.log"; echo "preflight failed"; exit 1
 fi
-# 1. ResNet-20, K = 64, 32 img/agent against the single model (the targets): fp32 with XLA's
-#    grouped convs and with per-tap matmuls, bf16 with DRT against ATC. The loop baseline waits
-#    until 5: it compiles for a minute.
-bench r20_k64_fp32 70 --models resnet20 --ks 64 --backends vmap --baselines single --compare= \
-  --steps 8 --warmup 2 --case_budget_s 4 --conv xla
-bench r20_k64_fp32_taps 70 --models resnet20 --ks 64 --backends vmap --baselines single \
-  --compare= --steps 8 --warmup 2 --case_budget_s 4 --conv taps
-bench r20_k64_bf16 90 --models resnet20 --ks 64 --backends vmap --baselines single \
-  --precision bfloat16 --steps 8 --warmup 2 --case_budget_s 4 --conv xla --compare drt
-# 2. The PyTorch per-agent loop (the anchor), if given.
-if [[ $# -ge 1 && -f "$1" ]] && t=$(left 45); then
-  echo "=== anchor: $1"
-  timeout "$t" "$PY" "$1" 64 32 5 torch_loop 2>&1 | tail -3 | tee "$OUT/anchor.txt"
-fi
-# 3. Scaling in K (bf16, grouped convs), 1,024 agents with 16 img/agent, steps fused by lax.scan.
+# 1. ResNet-20, K = 64, 32 img/agent against the single model (the targets), XLA's grouped
+#    convs, fp32 and bf16 (with DRT against ATC), each with 3 more steps under the profiler: device
+#    time per kind of XLA op, single model against vmap, says where the vmapped step loses.
+bench r20_k64_fp32 80 --models resnet20 --ks 64 --backends vmap --baselines single --compare= \
+  --steps 8 --warmup 2 --case_budget_s 4 --conv xla --profile_steps 3
+bench r20_k64_bf16 100 --models resnet20 --ks 64 --backends vmap --baselines single \
+  --precision bfloat16 --steps 8 --warmup 2 --case_budget_s 4 --conv xla --compare drt \
+  --profile_steps 3
+# 2. Scaling in K on the bf16 `auto` path (grouped convs), and 1,024 agents with 16 img/agent.
 bench r20_k256_bf16 70 --models resnet20 --ks 256 --backends vmap --baselines= --compare= \
   --precision bfloat16 --steps 4 --warmup 1 --case_budget_s 4 --conv xla
 bench r20_k1024_b16 70 --models resnet20 --ks 1024 --batch 16 --backends vmap --baselines= \
   --precision bfloat16 --steps 3 --warmup 1 --case_budget_s 4 --compare= --conv xla
+# 3. fp32 with per-tap matmuls (what `auto` picks on a GPU in fp32), profiled the same way.
+bench r20_k64_fp32_taps 70 --models resnet20 --ks 64 --backends vmap --baselines= \
+  --compare= --steps 8 --warmup 2 --case_budget_s 4 --conv taps --profile_steps 3
+# The PyTorch per-agent loop (the anchor), if given.
+if [[ $# -ge 1 && -f "$1" ]] && t=$(left 45); then
+  echo "=== anchor: $1"
+  timeout "$t" "$PY" "$1" 64 32 5 torch_loop 2>&1 | tail -3 | tee "$OUT/anchor.txt"
+fi
 bench r20_k64_bf16_scan 60 --models resnet20 --ks 64 --backends vmap --baselines= --compare= \
   --precision bfloat16 --steps 4 --warmup 1 --case_budget_s 4 --conv xla --scan_steps 4
 # 4. The per-agent convolution alone: grouped (vmap) vs channel padding vs one matmul per tap.

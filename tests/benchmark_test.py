@@ -25,7 +25,7 @@ class BenchmarkSmokeTest(absltest.TestCase):
       env = {**os.environ, "JAX_PLATFORMS": "cpu"}
       proc = subprocess.run(
           [sys.executable, _SCRIPT, "--smoke", "--host_devices", "2", "--scan_steps", "2",
-           "--out", out],
+           "--profile_steps", "1", "--out", out],
           capture_output=True, text=True, env=env, timeout=120, check=False)
       self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
       with open(out) as f:
@@ -48,6 +48,17 @@ class BenchmarkSmokeTest(absltest.TestCase):
       self.assertTrue(math.isfinite(r["step_ms"]) and r["step_ms"] > 0, r)
       self.assertTrue(math.isfinite(r["loss"]), r)
     self.assertTrue(all(r["ratio_vs_single"] == 1.0 for r in rows if r["variant"] == "single"))
+    # --profile_steps: every row but the loop's carries its device time by kind of op, all of it
+    # attributed to its own program, the matmuls of the MLP included.
+    for r in rows:
+      if r["variant"] == "loop":
+        self.assertNotIn("profile", r)
+        continue
+      p = r["profile"]
+      self.assertGreaterEqual(p["coverage"], 0.9, r["variant"])
+      self.assertGreater(p["by_category"]["matmul"], 0, r["variant"])
+      self.assertAlmostEqual(p["busy_ms"], sum(p["by_category"].values()))
+    self.assertIn("Device time per step by kind of XLA op, mlp, K = 4", result["table"])
     self.assertLen(result["comparisons"], 2)
     # The JSONL stream holds the machine line, every row and every comparison.
     self.assertIn("machine", lines[0])

@@ -1,0 +1,89 @@
+"""experiments/op_profile.py: device time is attributed to the right kind of op, and all of it."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+from absl.testing import absltest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "experiments"))
+import op_profile  # noqa: E402
+
+# A hand-written optimised module: a header whose tuple result carries /*index=5*/ (which holds
+# an '=' and once ended a computation early), a variadic reduce-window, a cuDNN convolution
+# called from a fusion, a transposing fusion with arithmetic fused in, and a while loop.
+_HLO = """HloModule jit_step, is_scheduled=true
+
+%rw_comp (p0: f32[4,8], p1: s32[4,8]) -> (f32[4,4], s32[4,4], /*index=5*/s32[4,4]) {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %p1 = s32[4,8]{1,0} parameter(1)
+  ROOT %reduce-window.1 = (f32[4,4]{1,0}, s32[4,4]{1,0}) reduce-window(%p0, %p1), window={size=1x2}
+}
+
+%fused_t (p: f32[8,4]) -> f32[4,8] {
+  %p = f32[8,4]{1,0} parameter(0)
+  %transpose.1 = f32[4,8]{1,0} transpose(%p), dimensions={1,0}
+  ROOT %multiply.1 = f32[4,8]{1,0} multiply(%transpose.1, %transpose.1)
+}
+
+%fused_conv (a: f32[1,8,8,4], b: f32[3,3,4,4]) -> f32[1,8,8,4] {
+  %a = f32[1,8,8,4]{3,2,1,0} parameter(0)
+  %b = f32[3,3,4,4]{3,2,1,0} parameter(1)
+  ROOT %cc = (f32[1,8,8,4], u8[0]) custom-call(%a, %b), custom_call_target="__cudnn$convForward"
+}
+
+ENTRY %main (x: f32[8,4]) -> f32[4,8] {
+  %x = f32[8,4]{1,0} parameter(0)
+  %t_fusion = f32[4,8] fusion(%x), kind=kLoop, calls=%fused_t, metadata={op_name="jit(f)/t"}
+  %wrapped_rw = (f32[4,4]{1,0}, s32[4,4]{1,0}) fusion(%t_fusion, %x), kind=kLoop, calls=%rw_comp
+  %conv_fusion = f32[1,8,8,4]{3,2,1,0} fusion(%x, %x), kind=kCustom, calls=%fused_conv
+  %gemm = (f32[8,8]{1,0}, s8[0]{0}) custom-call(%x, %x), custom_call_target="__cublas$lt$matmul"
+  %loop = (s32[], f32[4,8]{1,0}) while(%x), condition=%fused_t, body=%fused_t
+  ROOT %add.9 = f32[4,8]{1,0} add(%t_fusion, %t_fusion)
+}
+"""
+
+
+class HloOpsTest(absltest.TestCase):
+
+  def test_categories_of_a_hand_written_module(self):
+    ops = op_profile.hlo_ops(_HLO)
+    self.assertEqual(op_profile.module_name(_HLO), "jit_step")
+    got = {name: ops[name].category for name in
+           ("t_fusion", "wrapped_rw", "conv_fusion", "gemm", "loop", "add.9")}
+    self.assertEqual(got, {"t_fusion": "transpose/copy", "wrapped_rw": "reduce",
+                           "conv_fusion": "conv", "gemm": "matmul", "loop": "control",
+                           "add.9": "elementwise"})
+    self.assertEqual(ops["t_fusion"].source, "jit(f)/t")
+    self.assertEqual(ops["wrapped_rw"].shape, "(f32[4,4]{1,0}, s32[4,4]{1,0})")
+
+
+class ProfileTest(absltest.TestCase):
+
+  def test_a_traced_program_is_attributed_whole(self):
+    def step(x, w, m):
+      y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      return y, w, jnp.tanh(m @ m)
+
+    x = jnp.ones((4, 16, 16, 8))
+    w = jnp.full((3, 3, 8, 8), 0.01)
+    m = jnp.eye(128)
+    compiled = jax.jit(step).lower(x, w, m).compile()
+    _, summary = op_profile.profile(lambda s: compiled(*s), (x, w, m), compiled.as_text(), 2)
+    self.assertEqual(summary["module"], op_profile.module_name(compiled.as_text()))
+    self.assertGreaterEqual(summary["coverage"], 0.9)
+    self.assertGreater(summary["by_category"]["conv"], 0)
+    self.assertGreater(summary["by_category"]["matmul"], 0)
+    self.assertAlmostEqual(summary["busy_ms"], sum(summary["by_category"].values()))
+    self.assertEqual(summary["top"][0]["ms"], max(r["ms"] for r in summary["top"]))
+    table = op_profile.category_table({"a": summary})
+    self.assertIn("| conv |", table)
+    halved = op_profile.per_step(summary, 2)
+    self.assertAlmostEqual(halved["busy_ms"], summary["busy_ms"] / 2)
+
+
+if __name__ == "__main__":
+  absltest.main()
