@@ -19,6 +19,9 @@ from drt_jax import algorithms, backends, data, datasets, drt, models, partition
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
 PRECISIONS = ("float32", "bfloat16")
 AUGMENTS = ("auto",) + data.AUGMENTATIONS
+# Where this host finds the data, which may differ between the hosts of one run; what the data
+# is, is checked on its own (every process hashes the data it loaded).
+HOST_LOCAL = ("data_dir", "download", "data_source")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -90,6 +93,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.faults.straggler = 0.0  # probability an agent skips its local step (still communicates)
   c.faults.seed = 0  # seeds the fault patterns (a pure function of this seed and the step)
   return c
+
+
+def shared_json(c: ml_collections.ConfigDict) -> str:
+  """``c`` as JSON without its :data:`HOST_LOCAL` fields: what every process of a run must share."""
+  d = c.copy_and_resolve_references()
+  with d.unlocked():
+    for field in HOST_LOCAL:
+      if field in d:
+        del d[field]
+  return d.to_json(sort_keys=True)
 
 
 def _fail(field, value, accepted):

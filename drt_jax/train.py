@@ -473,10 +473,10 @@ def device_data(d: data_lib.Data, parts, backend: str = "vmap") -> DeviceData:
 
 
 def _data_digest(prepared: Prepared) -> str:
-  """Names the training data, its shapes and a hash of the labels and the agents' lists."""
+  """Names the training data, its shapes and a hash of its images, labels and agents' lists."""
   d = prepared.data
   h = hashlib.sha256()
-  for a in (d.train_labels, d.test_labels, *prepared.parts):
+  for a in (d.train_images, d.test_images, d.train_labels, d.test_labels, *prepared.parts):
     h.update(np.ascontiguousarray(a).tobytes())
   return f"{d.name} {d.train_images.shape} {d.test_images.shape} {h.hexdigest()}"
 
@@ -692,7 +692,7 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
     history[-1]["test_acc_mean"]
   """
   c = config_lib.resolve(config)
-  distributed.check_agreement({"config": c.to_json(sort_keys=True)},
+  distributed.check_agreement({"config": config_lib.shared_json(c)},
                               "start every process with the same config and overrides")
 
   def check_on_main():  # process 0 reads and writes the workdir; the others learn its answer

@@ -117,6 +117,22 @@ class PrepareDataTest(parameterized.TestCase):
     self.assertIn(expected, str(e.exception))
     self.assertNotIn("\n", str(e.exception))
 
+  def test_processes_must_share_everything_but_where_their_data_lives(self):
+    base = config.shared_json(config.resolve(TINY))
+    elsewhere = config.resolve({**TINY, "data_dir": "/mnt/other", "download": True,
+                                "data_source": "tfds"})
+    self.assertEqual(config.shared_json(elsewhere), base)
+    self.assertNotEqual(config.shared_json(config.resolve({**TINY, "seed": 1})), base)
+
+  def test_data_digest_sees_a_changed_image(self):
+    d = data.synthetic(num_train=64, num_test=16, shape=(4, 4, 1), seed=0)
+    c = config.resolve({**TINY, "num_agents": 4})
+    before = train._data_digest(train.prepare_data(c, d))
+    images = np.array(d.train_images)
+    images[7, 0, 0, 0] += 1
+    changed = d._replace(train_images=images)
+    self.assertNotEqual(train._data_digest(train.prepare_data(c, changed)), before)
+
   def test_more_agents_than_examples(self):
     d = data.synthetic(num_train=6, num_test=4, shape=(4, 4, 1), seed=0)
     with self.assertRaisesRegex(ValueError, r"num_agents=8 but synthetic has only 6 training"):
