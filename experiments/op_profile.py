@@ -157,7 +157,14 @@ def module_name(hlo_text: str) -> str:
 
 
 def _op_events(data):
-  """(hlo op name, module or None, duration ns) for every device event naming an HLO op."""
+  """(hlo op name, module or None, duration ns) for every device event naming an HLO op.
+
+  An event names its op by an ``hlo_op`` (and ``hlo_module``) stat, by a kernel ``annotation``
+  stat in XLA's ``...#hlo_op=<op>,hlo_module=<module>,...#`` form (GPU kernels as the profiler
+  records them), or, on an ``XLA Ops`` line, by its own name (``%fusion.3 = ...`` or
+  ``fusion.3``). Where a device plane has an ``XLA Ops`` line, only that line is read, so a
+  kernel is not counted both as itself and as its op.
+  """
   planes = [p for p in data.planes if p.name.startswith("/device:")]
   planes = planes or [p for p in data.planes if p.name.startswith("/host:CPU")]
   for plane in planes:
@@ -168,11 +175,17 @@ def _op_events(data):
         continue
       for event in line.events:
         stats = dict(event.stats)
-        name = stats.get("hlo_op") or (event.name if ops_lines else None)
+        name, module = stats.get("hlo_op"), stats.get("hlo_module")
+        annotation = str(stats.get("annotation") or stats.get("kernel_annotation") or "")
+        if not name and "hlo_op=" in annotation:
+          name = re.findall(r"hlo_op=([^,#\s]+)", annotation)[-1]
+          modules = re.findall(r"hlo_module=([^,#\s]+)", annotation)
+          module = module or (modules[-1] if modules else None)
+        if not name and ops_lines:
+          name = event.name
         if not name:
           continue
         name = str(name).split(" = ")[0].split(" ")[0].lstrip("%")
-        module = stats.get("hlo_module")
         yield name, (str(module) if module is not None else None), float(event.duration_ns)
 
 

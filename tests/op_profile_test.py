@@ -2,6 +2,7 @@
 
 import os
 import sys
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +59,54 @@ class HloOpsTest(absltest.TestCase):
                            "add.9": "elementwise"})
     self.assertEqual(ops["t_fusion"].source, "jit(f)/t")
     self.assertEqual(ops["wrapped_rw"].shape, "(f32[4,4]{1,0}, s32[4,4]{1,0})")
+
+
+def _event(name, ns, **stats):
+  return SimpleNamespace(name=name, duration_ns=ns, stats=list(stats.items()))
+
+
+def _trace(*lines, plane="/device:GPU:0"):
+  host = SimpleNamespace(name="/host:CPU", lines=[SimpleNamespace(name="python", events=[
+      _event("PjitFunction(step)", 9e9)])])
+  return SimpleNamespace(planes=[host, SimpleNamespace(
+      name=plane, lines=[SimpleNamespace(name=n, events=e) for n, e in lines])])
+
+
+class SummarizeTest(absltest.TestCase):
+  """The three ways a trace names an event's op, read from hand-built traces."""
+
+  def _check(self, data, expect_busy):
+    s = op_profile.summarize(data, _HLO, steps=2)
+    self.assertAlmostEqual(s["busy_ms"], expect_busy)
+    self.assertEqual(s["coverage"], 1.0)
+    return s
+
+  def test_xla_ops_line_named_by_the_op_and_kernels_not_counted_twice(self):
+    data = _trace(("XLA Modules", [_event("jit_step(3)", 5e6)]),
+                  ("XLA Ops", [_event("%t_fusion = f32[4,8] fusion(%x)", 1e6),
+                               _event("conv_fusion", 3e6)]),
+                  ("Stream #1(Compute)", [_event("sm90_xmma_fprop", 3e6)]))
+    s = self._check(data, (1e6 + 3e6) / 1e6 / 2)
+    self.assertEqual(s["by_category"]["conv"], 1.5)
+    self.assertEqual(s["by_category"]["transpose/copy"], 0.5)
+
+  def test_kernels_named_by_their_annotation(self):
+    kernel = "Thunk:#hlo_op=gemm,hlo_module=jit_step,program_id=3#"
+    data = _trace(("Stream #1(Compute)", [
+        _event("cutlass_gemm", 2e6, annotation=kernel),
+        _event("other_program", 7e6, annotation="Thunk:#hlo_op=gemm,hlo_module=jit_other#"),
+        _event("memcpy", 1e6)]))
+    s = self._check(data, 1.0)
+    self.assertEqual(s["top"][0]["op"], "gemm")
+    self.assertEqual(s["top"][0]["calls_per_step"], 0.5)
+
+  def test_thunks_named_by_hlo_op_stats(self):
+    data = _trace(("tf_XLAPjRtCpuClient", [
+        _event("wrapped_rw", 4e6, hlo_op="wrapped_rw", hlo_module="jit_step"),
+        _event("loop", 9e6, hlo_op="loop", hlo_module="jit_step")]), plane="/host:CPU")
+    s = self._check(data, 2.0)
+    self.assertEqual(s["by_category"]["reduce"], 2.0)
+    self.assertEqual(s["control_ms"], 4.5)  # listed, not added to the busy time
 
 
 class ProfileTest(absltest.TestCase):
