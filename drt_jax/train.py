@@ -845,9 +845,13 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
   def is_eval(step):
     return step in (0, c.num_steps) or bool(c.eval_every and step % c.eval_every == 0)
 
+  # Step 0, or a checkpoint whose row did not reach the disk. Process 0's metrics decide: an
+  # evaluation is collective, and another host may not see the same metrics file.
+  evaluate_first = distributed.on_main(
+      lambda: is_eval(first) and not any(r["step"] == first for r in history))
   try:
-    if is_eval(first) and not any(r["step"] == first for r in history):
-      evaluate(first)  # step 0, or a checkpoint whose row did not reach the disk
+    if evaluate_first:
+      evaluate(first)
     for step in range(first + 1, c.num_steps + 1):
       state, m = progs.train_step(state, topo, dev)
       pending.append(m)
