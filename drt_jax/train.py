@@ -144,9 +144,13 @@ MAX_STEPS_IN_FLIGHT = 4
 
 
 def agents_finite(stacked_tree) -> jax.Array:
-  """bool ``[K]``: whether every entry of agent k's slice of every leaf is finite."""
+  """bool ``[K]``: whether every entry of agent k's slice of every leaf is finite.
+
+  Computed as ``sum(x * 0) == 0``, which is exactly that (a finite entry gives ±0, an Inf or NaN
+  gives NaN) and runs several times faster on XLA:CPU than a reduction of ``isfinite``.
+  """
   leaves = jax.tree.leaves(stacked_tree)
-  flags = [jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1) for x in leaves
+  flags = [jnp.sum(x.reshape(x.shape[0], -1) * 0, axis=1) == 0 for x in leaves
            if jnp.issubdtype(x.dtype, jnp.inexact)]
   return functools.reduce(jnp.logical_and, flags)
 

@@ -317,6 +317,19 @@ class CompiledStepTest(parameterized.TestCase):
     self.assertLess(spread(stats[True]), 1e-6)  # uniform averaging makes them equal
 
 
+class AgentsFiniteTest(absltest.TestCase):
+
+  def test_flags_exactly_the_agents_with_an_inf_or_nan(self):
+    big = jnp.finfo(jnp.float32).max
+    tree = {"w": jnp.full((5, 3, 2), big), "b": jnp.ones((5, 4), jnp.bfloat16),
+            "count": jnp.zeros((5,), jnp.int32)}  # sums of huge finite values still count
+    tree["w"] = tree["w"].at[1, 2, 1].set(jnp.inf).at[3, 0, 0].set(-jnp.inf)
+    tree["b"] = tree["b"].at[4, 3].set(jnp.nan)
+    np.testing.assert_array_equal(train.agents_finite(tree), [True, False, True, False, False])
+    negated = {"w": -tree["w"][jnp.array([0, 2])]}
+    np.testing.assert_array_equal(train.agents_finite(negated), [True, True])
+
+
 class SamplerTest(absltest.TestCase):
 
   def test_each_agent_draws_only_its_own_indices_and_covers_them_each_epoch(self):
