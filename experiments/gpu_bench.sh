@@ -65,16 +65,17 @@ if [[ $# -ge 1 && -f "$1" ]] && t=$(left 45); then
 fi
 bench r20_k64_bf16_scan 60 --models resnet20 --ks 64 --backends vmap --baselines= --compare= \
   --precision bfloat16 --steps 4 --warmup 1 --case_budget_s 4 --conv xla --scan_steps 4
-# 4. The per-agent convolution alone: grouped (vmap) vs channel padding vs one matmul per tap.
-t=$(left 60) && timeout "$t" "$PY" experiments/agent_conv.py --k 64 --batch 32 \
-  --out "$OUT/agent_conv.jsonl" 2>&1 | grep -E "^\|"
-# 5. The loop of K jitted single-agent steps (JAX), fp32.
-bench r20_k64_loop 90 --models resnet20 --ks 64 --backends= --baselines loop --compare= \
-  --steps 3 --warmup 1 --case_budget_s 4 --conv xla
-# 6. The small CNN, and the combine alone up to K = 1,024.
-bench cnn_k64_256 60 --models cnn --ks 64,256 --backends vmap --steps 10 --warmup 2 \
-  --case_budget_s 5 --conv xla
+# 4. The small CNN from 16 to 1,024 agents, and the combine alone up to K = 1,024.
+bench cnn_k16_1024 80 --models cnn --ks 16,64,256,1024 --backends vmap --baselines single \
+  --steps 10 --warmup 2 --case_budget_s 3 --conv xla
 t=$(left 40) && timeout "$t" "$PY" experiments/benchmark.py --models mlp --ks 4 --backends vmap \
   --steps 2 --warmup 1 --compare= --data_memory= --combine_ks 16,64,256,1024 \
   --out "$OUT/combine.json" 2>&1 | grep -A8 "combine alone"
+# 5. The per-agent convolution alone: grouped (vmap) vs channel padding vs one matmul per tap.
+t=$(left 60) && timeout "$t" "$PY" experiments/agent_conv.py --k 64 --batch 32 \
+  --out "$OUT/agent_conv.jsonl" 2>&1 | grep -E "^\|"
+# 6. The loop of K jitted single-agent steps (JAX), fp32 (measured before: it compiles for a
+#    minute, so it comes last).
+bench r20_k64_loop 90 --models resnet20 --ks 64 --backends= --baselines loop --compare= \
+  --steps 3 --warmup 1 --case_budget_s 4 --conv xla
 echo "=== done, $(( END - $(date +%s) ))s of the budget left"
