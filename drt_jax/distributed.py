@@ -205,10 +205,3 @@ def on_main(fn):
     raise ValueError(out["error"])
   return out["ok"]
 
-
-def barrier(name: str) -> None:
-  """Waits until every process reaches the barrier ``name`` (nothing in a single process)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
-    multihost_utils.sync_global_devices(name)

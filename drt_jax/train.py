@@ -468,7 +468,6 @@ def device_data(d: data_lib.Data, parts, backend: str = "vmap") -> DeviceData:
 
   mean, std = data_lib.normalisation(d.train_images)
   stats = backends.place(dict(mean=mean, std=std), backend, k_count, stacked=False)
-  stats = {k: v if isinstance(v, jax.Array) else jnp.asarray(v) for k, v in stats.items()}
   return DeviceData(images=block(d.train_images), labels=block(labels),
                     idx=backends.from_agent_rows(rows, (k_count, width), backend, k_count),
                     counts=backends.from_agent_rows(lambda a, b: counts[a:b], (k_count,),
