@@ -644,10 +644,9 @@ def main(argv):
     shape = _SHAPES[model_name]
     d = data_lib.synthetic(num_train=max(1024, 4 * max(s["ks"]) * s["batch"]), num_test=16,
                            shape=shape, seed=0)
-    options = {} if FLAGS.precision == "float32" else {"dtype": jnp.dtype(FLAGS.precision)}
-    if model_name in models.CONV_MODELS:
-      options["conv"] = backends.best_conv(FLAGS.conv, FLAGS.precision)
-    model = models.make(model_name, d.classes, input_shape=shape, **options)
+    # The model the library's rows build (train.make_model), for the single and loop rows too.
+    model = train.make_model(config_lib.resolve(
+        {"model": model_name, "precision": FLAGS.precision, "conv": FLAGS.conv}), d)
     pruned = {}
     for k_count in sorted(s["ks"]):
       case = Case(model_name, model, d, k_count, s["batch"])
