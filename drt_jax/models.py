@@ -19,8 +19,11 @@ statistics and one agent's batch never touches another's.
 ``dtype`` (e.g. ``jnp.bfloat16``) sets the compute dtype; parameters stay float32.
 
 ``conv`` chooses how the convolutional models compute a convolution, with the same parameters
-either way: ``'xla'`` (``lax.conv_general_dilated``; vmapped over agents it becomes a grouped
-convolution) or ``'taps'`` (:func:`shifted_matmul_conv`; vmapped, batched matrix products).
+and the same function every way: ``'xla'`` (``lax.conv_general_dilated``; vmapped over agents it
+becomes a grouped convolution), ``'taps'`` (:func:`shifted_matmul_conv`; vmapped, batched matrix
+products) or ``'xla_dw_matmul'`` (:func:`matmul_grad_conv`: XLA's convolution forward and for
+the input gradient, the kernel gradient as one matrix product of image patches; strided and 1x1
+convolutions as matrix products throughout).
 """
 
 import functools
@@ -33,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
-CONVS = ("xla", "taps")  # formulations of a convolution (see the module docstring)
+CONVS = ("xla", "taps", "xla_dw_matmul")  # formulations of a convolution (see the module docstring)
 
 
 def shifted_matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -75,12 +78,78 @@ def shifted_matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rh
   return out.astype(preferred_element_type or jnp.result_type(lhs, rhs))
 
 
+def _patches(x, kh: int, kw: int, strides, padding):
+  """``x`` NHWC (unpadded) -> ``[B, Ho, Wo, kh*kw*C]``, tap-major: the rows of ``W.reshape(-1, D)``."""
+  x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  (sh, sw), (b, hp, wp, c) = strides, x.shape
+  ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+  return jnp.concatenate(
+      [jax.lax.slice(x, (0, u, v, 0), (b, u + sh * (ho - 1) + 1, v + sw * (wo - 1) + 1, c),
+                     (1, sh, sw, 1)) for u in range(kh) for v in range(kw)], axis=-1)
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_dw_matmul(x, w, strides, padding, precision):
+  return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC,
+                                      precision=precision)
+
+
+def _conv_dw_matmul_fwd(x, w, strides, padding, precision):
+  return _conv_dw_matmul(x, w, strides, padding, precision), (x, w)
+
+
+def _conv_dw_matmul_bwd(strides, padding, precision, residuals, g):
+  x, w = residuals
+  _, x_vjp = jax.vjp(lambda x: jax.lax.conv_general_dilated(
+      x, w, strides, padding, dimension_numbers=_NHWC, precision=precision), x)
+  kh, kw, c, d = w.shape
+  dw = jnp.einsum("bhwk,bhwd->kd", _patches(x, kh, kw, strides, padding), g.astype(x.dtype),
+                  precision=precision, preferred_element_type=jnp.float32)
+  return x_vjp(g)[0], dw.reshape(kh, kw, c, d).astype(w.dtype)
+
+
+_conv_dw_matmul.defvjp(_conv_dw_matmul_fwd, _conv_dw_matmul_bwd)
+
+
+def matmul_grad_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                     dimension_numbers=None, feature_group_count=1, precision=None,
+                     preferred_element_type=None):
+  """A 2-D convolution whose gradients avoid per-agent cuDNN loops, a drop-in for ``nn.Conv``.
+
+  Stride-1 convolutions keep ``lax.conv_general_dilated`` for the forward pass and the input
+  gradient; their kernel gradient is ``patches(x)^T @ dy`` with ``patches`` the ``kh·kw``
+  shifted views of ``x`` side by side (im2col), accumulated in float32. Vmapped over K agents
+  that is one batched matrix product ``[K, kh·kw·C, B·Ho·Wo] × [K, B·Ho·Wo, D]`` where XLA
+  would emit a convolution grouped over the agents. Strided and 1x1 convolutions are matrix
+  products both ways (:func:`shifted_matmul_conv`). On an H200 cuDNN ran those grouped
+  convolutions (kernel gradients; strided convolutions in every direction) as one launch per
+  agent (docs/performance.md). Same function and gradients as ``lax.conv_general_dilated``;
+  dilated, grouped or non-2-D convolutions, which the models here do not use, go to it
+  unchanged.
+  """
+  dilated = any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
+  if lhs.ndim != 4 or feature_group_count != 1 or dilated or preferred_element_type is not None:
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, precision=precision, preferred_element_type=preferred_element_type)
+  if rhs.shape[:2] == (1, 1) or any(st != 1 for st in window_strides):
+    return shifted_matmul_conv(lhs, rhs, window_strides, padding, precision=precision)
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+  padding = tuple(tuple(int(p) for p in pair) for pair in padding)
+  return _conv_dw_matmul(lhs, rhs, tuple(window_strides), padding, precision)
+
+
 def _conv_cls(conv: str):
   if conv not in CONVS:
     raise ValueError(f"unknown conv {conv!r}; expected one of: {', '.join(CONVS)}")
   if conv == "xla":
     return nn.Conv
-  return functools.partial(nn.Conv, conv_general_dilated=shifted_matmul_conv)
+  fn = shifted_matmul_conv if conv == "taps" else matmul_grad_conv
+  return functools.partial(nn.Conv, conv_general_dilated=fn)
 
 
 class Model(NamedTuple):

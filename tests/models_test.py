@@ -111,7 +111,7 @@ class ModelsTest(chex.TestCase):
 
 
 class ConvFormulationTest(parameterized.TestCase):
-  """conv='taps' is the same function of the same parameters as conv='xla'."""
+  """conv='taps' and 'xla_dw_matmul' are the same function of the same parameters as 'xla'."""
 
   @parameterized.parameters(
       ((9, 9, 3), (3, 3), (1, 1), "SAME"), ((8, 8, 4), (3, 3), (2, 2), "SAME"),
@@ -127,12 +127,52 @@ class ConvFormulationTest(parameterized.TestCase):
     self.assertEqual(got.shape, want.shape)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
+  @parameterized.parameters(
+      ((9, 9, 3), (3, 3), (1, 1), "SAME"), ((8, 8, 4), (3, 3), (2, 2), "SAME"),
+      ((7, 6, 2), (1, 1), (2, 2), "SAME"), ((8, 8, 2), (3, 3), (1, 2), "VALID"),
+      ((8, 8, 2), (3, 3), (1, 1), ((2, 0), (1, 1))))
+  def test_matmul_grad_conv_matches_lax_vmapped(self, shape, kernel, strides, padding):
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(k1, (3, 2, *shape))  # 3 agents
+    w = jax.random.normal(k2, (3, *kernel, shape[-1], 5))
+
+    def value_and_grads(conv):
+      def fn(x, w):
+        y = conv(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(jnp.sin(y) * jax.random.normal(k3, y.shape))
+      return jax.jit(jax.vmap(jax.value_and_grad(fn, argnums=(0, 1))))(x, w)
+
+    want = value_and_grads(jax.lax.conv_general_dilated)
+    got = value_and_grads(models.matmul_grad_conv)
+    chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-4)
+
+  def test_matmul_grad_conv_kernel_gradient_is_a_dot(self):
+    """The point of it: vmapped, the kernel gradient is a dot, not a grouped convolution."""
+    x, w = jnp.ones((4, 2, 8, 8, 3)), jnp.ones((4, 3, 3, 3, 5))
+
+    def compiled_grad_w(conv):
+      def fn(x, w):
+        return jnp.sum(conv(x, w, (1, 1), "SAME",
+                            dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2)
+      return jax.jit(jax.vmap(jax.grad(fn, argnums=1))).lower(x, w).compile().as_text()
+
+    # Forward and kernel gradient are both grouped convolutions over the 4 agents ...
+    self.assertEqual(compiled_grad_w(jax.lax.conv_general_dilated).count(" convolution("), 2)
+    text = compiled_grad_w(models.matmul_grad_conv)
+    self.assertEqual(text.count(" convolution("), 1)  # ... here only the forward one is,
+    self.assertIn(" dot(", text)  # and the kernel gradient is a batched matrix product.
+
   # Small versions: the strided convolutions and 1x1 shortcuts are there, the compile time not.
   @parameterized.parameters(
       ("resnet20", {"stage_sizes": (1, 1, 1), "widths": (4, 8, 8), "input_shape": (12, 12, 3)}),
       ("cnn", {"features": (4, 8), "hidden": 16, "input_shape": (12, 12, 1)}))
   def test_same_parameters_outputs_and_gradients_vmapped(self, name, kw):
-    xla, taps = models.make(name, **kw), models.make(name, conv="taps", **kw)
+    for conv in ("taps", "xla_dw_matmul"):
+      with self.subTest(conv):
+        self._check_same_as_xla(name, kw, conv)
+
+  def _check_same_as_xla(self, name, kw, conv):
+    xla, taps = models.make(name, **kw), models.make(name, conv=conv, **kw)
     keys = jax.random.split(jax.random.key(0), 2)
     variables = jax.vmap(xla.init)(keys)
     chex.assert_trees_all_equal_shapes(variables, jax.vmap(taps.init)(keys))
@@ -157,7 +197,7 @@ class ConvFormulationTest(parameterized.TestCase):
 
   def test_unknown_conv(self):
     with self.assertRaisesWithLiteralMatch(
-        ValueError, "unknown conv 'fft'; expected one of: xla, taps"):
+        ValueError, "unknown conv 'fft'; expected one of: xla, taps, xla_dw_matmul"):
       models.make("cnn", conv="fft").init(jax.random.key(0))
 
 
