@@ -91,8 +91,13 @@ flags.DEFINE_integer("combine_params", 50_000, "Floats per agent in the combine 
 flags.DEFINE_integer("combine_reps", 5, "Timed calls per combine case (median reported).")
 flags.DEFINE_integer("bytes_k", 64, "K of the bytes-moved lines (ring, torus, full; agents "
                      "sharded over the local devices; 0 skips).")
-flags.DEFINE_enum("conv", "auto", ["auto", "xla", "taps"], "Convolution formulation of the "
-                  "conv models (drt_jax.models.CONVS; 'auto': backends.best_conv).")
+_CONVS = ["auto", "xla", "taps", "xla_dw_matmul"]  # drt_jax.models.CONVS and 'auto'
+flags.DEFINE_string("profile_dir", "", "With --profile_steps, keep each profiled case's trace "
+                    "and HLO text in a numbered folder here (else they are deleted).")
+flags.DEFINE_enum("conv", "auto", _CONVS, "Convolution formulation of the conv models "
+                  "(drt_jax.models.CONVS; 'auto': backends.best_conv).")
+flags.DEFINE_enum("baseline_conv", None, _CONVS, "Convolution formulation of the single and "
+                  "loop rows, if not --conv's (e.g. 'xla', the fastest for one model).")
 flags.DEFINE_integer("scan_steps", 0, "If > 1, also time the best back-end with this many "
                      "steps fused into one dispatch by lax.scan (row 'scanN:<best>').")
 flags.DEFINE_integer("profile_steps", 0, "If > 0, trace this many more steps of the single model "
@@ -160,11 +165,12 @@ def _peak_mb() -> float | None:
   return stats["peak_bytes_in_use"] / 2**20
 
 
-def _run(step, state, warmup: int, steps: int, budget_s: float, compiled=None):
+def _run(step, state, warmup: int, steps: int, budget_s: float, program=None):
   """Runs ``state, loss = step(state)`` warmup + timed times; returns (step seconds, loss, profile).
 
-  With ``--profile_steps`` and the ``compiled`` program, that many more steps run under the
-  profiler and ``profile`` is their per-op summary (else None).
+  ``program`` is ``(lowered, compiled, bind)`` with ``step = bind(compiled)``. With
+  ``--profile_steps`` that many more steps run under the profiler (see :func:`_traced_program`)
+  and ``profile`` is their per-op summary (else None).
   """
   loss = None
   for _ in range(warmup):
@@ -177,20 +183,49 @@ def _run(step, state, warmup: int, steps: int, budget_s: float, compiled=None):
     if budget_s and sum(times) > budget_s and len(times) >= _MIN_TIMED_STEPS:
       break
   loss, summary = float(jnp.mean(loss)), None
-  if FLAGS.profile_steps > 0 and compiled is not None:
+  if FLAGS.profile_steps > 0 and program is not None:
+    keep_dir = None
+    if FLAGS.profile_dir:  # numbered in the order the cases run (and are logged)
+      os.makedirs(FLAGS.profile_dir, exist_ok=True)
+      keep_dir = os.path.join(FLAGS.profile_dir, f"{len(os.listdir(FLAGS.profile_dir)):02d}")
+      logging.info("  keeping its trace in %s", keep_dir)
     try:  # a profiler that fails (no CUPTI, say) must not cost the case its timings
-      _, summary = op_profile.profile(lambda sl: step(sl[0]), (state, None), compiled.as_text(),
-                                      FLAGS.profile_steps)
+      lowered, compiled, bind = program
+      traced, note = _traced_program(lowered, compiled)
+      _, summary = op_profile.profile(lambda sl: bind(traced)(sl[0]), (state, None),
+                                      traced.as_text(), FLAGS.profile_steps, keep_dir)
+      summary["program"] = note
     except Exception as e:
       logging.exception("profiling failed")
       summary = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
   return times, loss, summary
 
 
+def _traced_program(lowered, compiled):
+  """The program to trace, and a note on it: on a GPU the same program compiled without XLA's
+  command buffers. Kernels launched from a command buffer (a CUDA graph) reach the trace under
+  the graph's name (``command_buffer_N``), not their HLO op's, and may run concurrently; without
+  them the kernels are the same and each is named by its op."""
+  if jax.default_backend() != "gpu":
+    return compiled, "as timed"
+  try:
+    return (lowered.compile(compiler_options={"xla_gpu_enable_command_buffer": ""}),
+            "as timed, but without command buffers")
+  except Exception as e:  # an XLA without the option: trace the timed program
+    logging.warning("recompiling without command buffers failed (%s); tracing as timed", e)
+    return compiled, "as timed (command buffers could not be turned off)"
+
+
 def _compile(jitted, *args):
+  """(lowered, compiled, compile seconds) of ``jitted`` at ``args``."""
   start = time.perf_counter()
-  compiled = jitted.lower(*args).compile()
-  return compiled, time.perf_counter() - start
+  lowered = jitted.lower(*args)
+  compiled = lowered.compile()
+  seconds, xla_bytes = time.perf_counter() - start, _xla_bytes(compiled)
+  # Logged now: a case cut short later (by its time limit, or out of memory) still says these.
+  logging.info("  compiled in %.1f s; XLA's memory estimate %s MB", seconds,
+               "–" if xla_bytes is None else f"{xla_bytes / 2**20:.0f}")
+  return lowered, compiled, seconds
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,13 +375,16 @@ def library_case(case: Case, backend: str, chunk_size: int, algorithm: str, run_
       return s, {"loss": losses[-1]}
 
     train_step = jax.jit(fused, donate_argnums=(0,))
-  compiled, compile_s = _compile(train_step, state, topo, dev)
+  lowered, compiled, compile_s = _compile(train_step, state, topo, dev)
 
-  def step(s):
-    s, m = compiled(s, topo, dev)
-    return s, m["loss"]
+  def bind(c):
+    def step(s):
+      s, m = c(s, topo, dev)
+      return s, m["loss"]
+    return step
 
-  times, loss, summary = _run(step, state, **run_kw, compiled=compiled)
+  times, loss, summary = _run(bind(compiled), state, **run_kw,
+                              program=(lowered, compiled, bind))
   if summary and "error" not in summary:
     summary = op_profile.per_step(summary, scan_steps)
   return Measured(compile_s, [t / scan_steps for t in times], _xla_bytes(compiled), loss,
@@ -395,8 +433,13 @@ def single_case(case: Case, run_kw: dict):
   dev = _device_data(case.data, 1)
   state = _single_state(case.model, opt, jax.random.key(0))
   program = _single_program(case.model, case.k_count * case.batch, opt)
-  compiled, compile_s = _compile(program, state, dev)
-  times, loss, summary = _run(lambda s: compiled(s, dev), state, **run_kw, compiled=compiled)
+  lowered, compiled, compile_s = _compile(program, state, dev)
+
+  def bind(c):
+    return lambda s: c(s, dev)
+
+  times, loss, summary = _run(bind(compiled), state, **run_kw,
+                              program=(lowered, compiled, bind))
   return Measured(compile_s, times, _xla_bytes(compiled), loss, summary)
 
 
@@ -414,9 +457,10 @@ def loop_case(case: Case, run_kw: dict):
     return [jax.tree.map(lambda x, k=k: x[k], mixed) for k in range(k_count)]
 
   states = [_single_state(model, opt, jax.random.key(k)) for k in range(k_count)]
-  step_c, step_s = _compile(_single_program(model, case.batch, opt), states[0], dev)
+  _, step_c, step_s = _compile(_single_program(model, case.batch, opt), states[0], dev)
   params = [s.params for s in states]
-  combine_c, combine_s = _compile(jax.jit(combine_all, donate_argnums=(0,)), params, mixing)
+  _, combine_c, combine_s = _compile(jax.jit(combine_all, donate_argnums=(0,)), params,
+                                     mixing)
 
   def round_(states):
     out = [step_c(s, dev) for s in states]
@@ -472,7 +516,9 @@ def _table(machine: dict, rows: list, comparisons: list) -> str:
       f"### drt_jax training throughput on {machine['host']} ({machine['platform']}, "
       f"{machine['local_device_count']}× {machine['device_kind']}, {machine['cpu_count']} CPUs, "
       f"jax {machine['jax']}, {machine['date']}), {FLAGS.precision} compute, "
-      f"conv {backends.best_conv(FLAGS.conv, FLAGS.precision)}", "",
+      f"conv {backends.best_conv(FLAGS.conv, FLAGS.precision)}"
+      + (f" (single and loop rows: {backends.best_conv(FLAGS.baseline_conv, FLAGS.precision)})"
+         if FLAGS.baseline_conv else ""), "",
       "| model | K | variant | img/s | × single | step ms | compile s | peak MB | XLA MB |",
       "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
@@ -524,7 +570,7 @@ class _Sink:
 def _settings() -> dict:
   s = {"models": FLAGS.models, "ks": [int(k) for k in FLAGS.ks], "batch": FLAGS.batch,
        "steps": FLAGS.steps, "warmup": FLAGS.warmup, "precision": FLAGS.precision,
-       "conv": FLAGS.conv,
+       "conv": FLAGS.conv, "baseline_conv": FLAGS.baseline_conv or FLAGS.conv,
        "data_memory": FLAGS.data_memory,
        "data_memory_k": FLAGS.data_memory_k,
        "combine_ks": [int(k) for k in FLAGS.combine_ks], "combine_params": FLAGS.combine_params,
@@ -646,7 +692,8 @@ def main(argv):
                            shape=shape, seed=0)
     # The model the library's rows build (train.make_model), for the single and loop rows too.
     model = train.make_model(config_lib.resolve(
-        {"model": model_name, "precision": FLAGS.precision, "conv": FLAGS.conv}), d)
+        {"model": model_name, "precision": FLAGS.precision,
+         "conv": FLAGS.baseline_conv or FLAGS.conv}), d)
     pruned = {}
     for k_count in sorted(s["ks"]):
       case = Case(model_name, model, d, k_count, s["batch"])

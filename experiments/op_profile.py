@@ -31,6 +31,7 @@ saved trace against a saved HLO text:
 
 import collections
 import glob
+import os
 import re
 import sys
 import tempfile
@@ -193,6 +194,7 @@ def summarize(data, hlo_text: str, steps: int, top: int = 25) -> dict:
   """Per-step device time of the program in ``data`` (a ``ProfileData``), by category and op."""
   ops, module = hlo_ops(hlo_text), module_name(hlo_text)
   per_op = collections.defaultdict(lambda: [0.0, 0])
+  missed = collections.defaultdict(float)  # op name -> ns, events of this module not in ops
   named = 0.0
   for name, ev_module, ns in _op_events(data):
     if ev_module is not None and module and not ev_module.startswith(module):
@@ -201,6 +203,8 @@ def summarize(data, hlo_text: str, steps: int, top: int = 25) -> dict:
     if name in ops:
       per_op[name][0] += ns
       per_op[name][1] += 1
+    else:
+      missed[name] += ns
   by_category = dict.fromkeys(CATEGORIES, 0.0)
   control, listed = 0.0, []
   for name, (ns, calls) in per_op.items():
@@ -214,25 +218,32 @@ def summarize(data, hlo_text: str, steps: int, top: int = 25) -> dict:
   busy = sum(by_category.values())
   attributed = sum(ns for ns, _ in per_op.values())
   listed.sort(key=lambda r: -r["ms"])
+  unattributed = [{"name": n, "ms": ns / 1e6 / steps}
+                  for n, ns in sorted(missed.items(), key=lambda kv: -kv[1])[:8]]
   return {"steps": steps, "module": module, "busy_ms": busy, "control_ms": control,
           "by_category": by_category, "coverage": attributed / named if named else 0.0,
-          "ops": len(listed), "top": listed[:top]}
+          "ops": len(listed), "top": listed[:top], "unattributed": unattributed}
 
 
-def profile(step, state, hlo_text: str, steps: int):
+def profile(step, state, hlo_text: str, steps: int, keep_dir: str | None = None):
   """Runs ``state = step(state)`` ``steps`` times under the profiler; returns (state, summary).
 
   ``step`` returns the next state (anything ``jax.block_until_ready`` accepts); ``hlo_text`` is
-  the compiled program's ``as_text()``.
+  the compiled program's ``as_text()``. With ``keep_dir`` the trace stays there (for TensorBoard
+  or Perfetto, or this module's command line) beside the HLO text as ``program.hlo.txt``.
   """
-  with tempfile.TemporaryDirectory(prefix="drt_jax_trace_") as trace_dir:
+  with tempfile.TemporaryDirectory(prefix="drt_jax_trace_") as tmp:
+    trace_dir = keep_dir or tmp
     with jax.profiler.trace(trace_dir):
       for _ in range(steps):
         state = jax.block_until_ready(step(state))
     paths = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
     if not paths:
       raise RuntimeError(f"jax.profiler wrote no .xplane.pb under {trace_dir}")
-    data = jax.profiler.ProfileData.from_file(paths[0])
+    if keep_dir:
+      with open(os.path.join(keep_dir, "program.hlo.txt"), "w") as f:
+        f.write(hlo_text)
+    data = jax.profiler.ProfileData.from_file(max(paths, key=os.path.getmtime))
     return state, summarize(data, hlo_text, steps)
 
 
@@ -242,7 +253,8 @@ def per_step(summary: dict, calls_per_step: int) -> dict:
   return {**summary, "busy_ms": summary["busy_ms"] / n, "control_ms": summary["control_ms"] / n,
           "by_category": {c: ms / n for c, ms in summary["by_category"].items()},
           "top": [{**r, "ms": r["ms"] / n, "calls_per_step": r["calls_per_step"] / n}
-                  for r in summary["top"]]}
+                  for r in summary["top"]],
+          "unattributed": [{**m, "ms": m["ms"] / n} for m in summary.get("unattributed", [])]}
 
 
 def category_table(profiles: dict[str, dict]) -> str:
@@ -267,6 +279,10 @@ def top_table(summary: dict, count: int = 12) -> str:
   for r in summary["top"][:count]:
     lines.append(f"| {r['op']} | {r['category']} | {r['ms']:.3f} | {r['calls_per_step']:g} | "
                  f"`{r['shape'][:48]}` | {r['source'][-60:]} |")
+  missed = summary.get("unattributed")
+  if missed and summary["coverage"] < 0.9:  # what the trace named that the program does not
+    lines += ["", "Not in the program's HLO: " + ", ".join(
+        f"{m['name'][:60]} ({m['ms']:.3f} ms/step)" for m in missed)]
   return "\n".join(lines)
 
 

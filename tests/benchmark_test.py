@@ -84,6 +84,38 @@ class BenchmarkSmokeTest(absltest.TestCase):
     self.assertEqual(ring["bytes_per_device"], 2 * 256 * 4)  # one agent from each side
     self.assertGreater(full["bytes_per_device"], 2 * ring["bytes_per_device"])
 
+  def test_conv_formulation_against_an_xla_baseline_with_traces_kept(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      out, traces = os.path.join(tmp, "bench.json"), os.path.join(tmp, "traces")
+      proc = subprocess.run(
+          [sys.executable, _SCRIPT, "--models", "cnn", "--ks", "2", "--batch", "4",
+           "--backends", "vmap", "--baselines", "single", "--compare=", "--steps", "1",
+           "--warmup", "1", "--data_memory=", "--combine_ks=", "--bytes_k", "0",
+           "--conv", "xla_dw_matmul", "--baseline_conv", "xla", "--profile_steps", "1",
+           "--profile_dir", traces, "--out", out],
+          capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+          timeout=120, check=False)
+      self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+      with open(out) as f:
+        result = json.load(f)
+      kept = sorted(os.listdir(traces))
+      self.assertEqual(kept, ["00", "01"])  # the single model's, then vmap's
+      for name in kept:
+        self.assertTrue(os.path.exists(os.path.join(traces, name, "program.hlo.txt")))
+      convs = {}
+      for name in kept:
+        with open(os.path.join(traces, name, "program.hlo.txt")) as f:
+          convs[name] = f.read().count(" convolution(")
+    self.assertEqual((result["settings"]["conv"], result["settings"]["baseline_conv"]),
+                     ("xla_dw_matmul", "xla"))
+    self.assertIn("conv xla_dw_matmul (single and loop rows: xla)", result["table"])
+    # The single model's kernel gradients are convolutions; the vmapped program's are matrix
+    # products (3 conv layers: forward 3 + input gradient 2 + kernel gradient 3, against 5).
+    self.assertEqual((convs["00"], convs["01"]), (8, 5))
+    for r in result["rows"]:
+      self.assertEqual(r["profile"]["program"], "as timed")
+      self.assertGreater(r["profile"]["by_category"]["conv"], 0)
+
 
 if __name__ == "__main__":
   absltest.main()

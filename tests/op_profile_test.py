@@ -108,6 +108,19 @@ class SummarizeTest(absltest.TestCase):
     self.assertEqual(s["by_category"]["reduce"], 2.0)
     self.assertEqual(s["control_ms"], 4.5)  # listed, not added to the busy time
 
+  def test_events_of_the_module_that_name_no_op_of_it_are_listed(self):
+    # Kernels run from a command buffer (a CUDA graph) are named by the graph, not by their op.
+    graph = "Thunk:#hlo_op=command_buffer_3,hlo_module=jit_step#"
+    data = _trace(("Stream #1(Compute)", [
+        _event("cutlass_gemm", 1e6, annotation="Thunk:#hlo_op=gemm,hlo_module=jit_step#"),
+        _event("loop_add_fusion", 3e6, annotation=graph)]))
+    s = op_profile.summarize(data, _HLO, steps=1)
+    self.assertAlmostEqual(s["coverage"], 0.25)
+    self.assertEqual(s["unattributed"], [{"name": "command_buffer_3", "ms": 3.0}])
+    self.assertIn("Not in the program's HLO: command_buffer_3 (3.000 ms/step)",
+                  op_profile.top_table(s))
+    self.assertEqual(op_profile.per_step(s, 2)["unattributed"][0]["ms"], 1.5)
+
 
 class ProfileTest(absltest.TestCase):
 
