@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The accelerator benchmark as one prepared script (about 8 minutes on one H100 or H200), most important
-# case first; every case is appended to $OUT/<name>.jsonl as soon as it finishes, so a run cut
+# The accelerator benchmark as one prepared script (about 8 minutes on one H100 or H200), most
+# important case first; every case is appended to $OUT/<name>.jsonl as soon as it finishes, so a run cut
 # short keeps what it measured. Synthetic data, no tensorflow-datasets import. BUDGET_S (default
 # 480) bounds the whole script: each case gets at most what is left of it.
 #
@@ -32,7 +32,7 @@ bench() {  # name, cap in seconds, then benchmark flags
     --out "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
   # The throughput rows and the device-time-by-kind table (the costliest ops stay in the log).
   grep -E "^\| (model|resnet20|cnn|mlp|category|conv|matmul|reduce|transpose/copy|gather/scatter\
-|collective|elementwise|\*\*device busy\*\*|coverage) |rror" "$OUT/$name.log" | tail -30
+|collective|elementwise|\*\*device busy\*\*|coverage) |^Not in|rror" "$OUT/$name.log" | tail -30
 }
 "$PY" -c "import jax, flax, optax; print(jax.devices(), jax.__version__, flax.__version__, \
 optax.__version__)"
@@ -42,39 +42,44 @@ if ! timeout 90 "$PY" experiments/benchmark.py --smoke --backends vmap,map --out
     > "$OUT/smoke.log" 2>&1; then
   tail -25 "$OUT/smoke.log"; echo "preflight failed"; exit 1
 fi
-# 1. ResNet-20, K = 64, 32 img/agent against the single model (the targets), XLA's grouped
-#    convs, fp32 and bf16 (with DRT against ATC), each with 3 more steps under the profiler: device
-#    time per kind of XLA op, single model against vmap, says where the vmapped step loses.
-bench r20_k64_fp32 80 --models resnet20 --ks 64 --backends vmap --baselines single --compare= \
-  --steps 8 --warmup 2 --case_budget_s 4 --conv xla --profile_steps 3
-bench r20_k64_bf16 100 --models resnet20 --ks 64 --backends vmap --baselines single \
-  --precision bfloat16 --steps 8 --warmup 2 --case_budget_s 4 --conv xla --compare drt \
-  --profile_steps 3
-# 2. Scaling in K on the bf16 `auto` path (grouped convs), and 1,024 agents with 16 img/agent.
-bench r20_k256_bf16 70 --models resnet20 --ks 256 --backends vmap --baselines= --compare= \
-  --precision bfloat16 --steps 4 --warmup 1 --case_budget_s 4 --conv xla
-bench r20_k1024_b16 70 --models resnet20 --ks 1024 --batch 16 --backends vmap --baselines= \
+# 1. ResNet-20, K = 64, 32 img/agent against the single model (the targets), fp32 and bf16 (with
+#    DRT against ATC), with the kernel gradients and the strided layers as batched matmuls
+#    (`xla_dw_matmul`): the H200 profile of the grouped convs found cuDNN running those as one
+#    launch per agent (docs/performance.md). The single model keeps XLA's convs. 3 more steps of each
+#    row run under the profiler (recompiled without command buffers, so that every kernel is
+#    named by its op); the fp32 traces are kept.
+bench r20_k64_fp32_dwmm 100 --models resnet20 --ks 64 --backends vmap --baselines single \
+  --compare= --steps 8 --warmup 2 --case_budget_s 4 --conv xla_dw_matmul --baseline_conv xla \
+  --profile_steps 3 --profile_dir "$OUT/traces_fp32"
+bench r20_k64_bf16_dwmm 110 --models resnet20 --ks 64 --backends vmap --baselines single \
+  --precision bfloat16 --steps 8 --warmup 2 --case_budget_s 4 --conv xla_dw_matmul \
+  --baseline_conv xla --compare drt --profile_steps 3
+# 2. 1,024 agents with 16 img/agent, bf16 (the `auto` path): does it fit? The compile log line
+#    gives XLA's memory estimate even if the steps are cut short.
+bench r20_k1024_b16 200 --models resnet20 --ks 1024 --batch 16 --backends vmap --baselines= \
   --precision bfloat16 --steps 3 --warmup 1 --case_budget_s 4 --compare= --conv xla
-# 3. fp32 with per-tap matmuls (what `auto` picks on a GPU in fp32), profiled the same way.
-bench r20_k64_fp32_taps 70 --models resnet20 --ks 64 --backends vmap --baselines= \
-  --compare= --steps 8 --warmup 2 --case_budget_s 4 --conv taps --profile_steps 3
+grep -h "compiled in" "$OUT/r20_k1024_b16.log" 2>/dev/null | cut -c40-
 # The PyTorch per-agent loop (the anchor), if given.
 if [[ $# -ge 1 && -f "$1" ]] && t=$(left 45); then
   echo "=== anchor: $1"
   timeout "$t" "$PY" "$1" 64 32 5 torch_loop 2>&1 | tail -3 | tee "$OUT/anchor.txt"
 fi
-bench r20_k64_bf16_scan 60 --models resnet20 --ks 64 --backends vmap --baselines= --compare= \
-  --precision bfloat16 --steps 4 --warmup 1 --case_budget_s 4 --conv xla --scan_steps 4
-# 4. The small CNN from 16 to 1,024 agents, and the combine alone up to K = 1,024.
+# 3. Scaling in K with the kernel gradients as matmuls, bf16, K = 256.
+bench r20_k256_bf16_dwmm 70 --models resnet20 --ks 256 --backends vmap --baselines= --compare= \
+  --precision bfloat16 --steps 4 --warmup 1 --case_budget_s 4 --conv xla_dw_matmul
+# 4. DRT against ATC on the small CNN, profiled (DRT cost 1.38x ATC at K = 64 on the H200).
+bench cnn_k64_drt 60 --models cnn --ks 64 --backends vmap --baselines= --compare drt \
+  --steps 10 --warmup 2 --case_budget_s 3 --conv xla --profile_steps 3
+# 5. The small CNN from 16 to 1,024 agents, and the combine alone up to K = 1,024.
 bench cnn_k16_1024 80 --models cnn --ks 16,64,256,1024 --backends vmap --baselines single \
   --steps 10 --warmup 2 --case_budget_s 3 --conv xla
 t=$(left 40) && timeout "$t" "$PY" experiments/benchmark.py --models mlp --ks 4 --backends vmap \
   --steps 2 --warmup 1 --compare= --data_memory= --combine_ks 16,64,256,1024 \
   --out "$OUT/combine.json" 2>&1 | grep -A8 "combine alone"
-# 5. The per-agent convolution alone: grouped (vmap) vs channel padding vs one matmul per tap.
+# 6. The per-agent convolution alone: grouped (vmap) vs channel padding vs one matmul per tap.
 t=$(left 60) && timeout "$t" "$PY" experiments/agent_conv.py --k 64 --batch 32 \
   --out "$OUT/agent_conv.jsonl" 2>&1 | grep -E "^\|"
-# 6. The loop of K jitted single-agent steps (JAX), fp32 (measured before: it compiles for a
+# 7. The loop of K jitted single-agent steps (JAX), fp32 (measured before: it compiles for a
 #    minute, so it comes last).
 bench r20_k64_loop 90 --models resnet20 --ks 64 --backends= --baselines loop --compare= \
   --steps 3 --warmup 1 --case_budget_s 4 --conv xla
