@@ -56,36 +56,42 @@ def shifted_matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rh
 
     conv = nn.Conv(16, (3, 3), conv_general_dilated=shifted_matmul_conv)
   """
-  dilated = any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
-  if lhs.ndim != 4 or feature_group_count != 1 or dilated:
+  if not _plain_2d(lhs, lhs_dilation, rhs_dilation, feature_group_count):
     return jax.lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, precision=precision, preferred_element_type=preferred_element_type)
   # 2-D: flax passes channels-last numbers (NHWC, HWIO), which is what the taps compute.
   kh, kw = rhs.shape[:2]
-  sh, sw = window_strides
-  if isinstance(padding, str):
-    padding = jax.lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), window_strides, padding)
-  x = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-  ho, wo = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+  padding = _explicit(padding, lhs, rhs, window_strides)
   out = 0.0
-  for u in range(kh):
-    for v in range(kw):
-      patch = jax.lax.slice(x, (0, u, v, 0), (x.shape[0], u + sh * (ho - 1) + 1,
-                                              v + sw * (wo - 1) + 1, x.shape[3]), (1, sh, sw, 1))
-      out = out + jnp.einsum("bhwc,cd->bhwd", patch, rhs[u, v], precision=precision,
-                             preferred_element_type=jnp.float32)
+  for view, tap in zip(_tap_views(lhs, kh, kw, window_strides, padding),
+                       rhs.reshape(kh * kw, *rhs.shape[2:])):
+    out = out + jnp.einsum("bhwc,cd->bhwd", view, tap, precision=precision,
+                           preferred_element_type=jnp.float32)
   return out.astype(preferred_element_type or jnp.result_type(lhs, rhs))
 
 
-def _patches(x, kh: int, kw: int, strides, padding):
-  """``x`` NHWC (unpadded) -> ``[B, Ho, Wo, kh*kw*C]``, tap-major: the rows of ``W.reshape(-1, D)``."""
-  x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+def _plain_2d(lhs, lhs_dilation, rhs_dilation, feature_group_count) -> bool:
+  """Whether a convolution is 2-D, undilated and ungrouped: the ones the matmul forms compute."""
+  dilated = any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
+  return lhs.ndim == 4 and feature_group_count == 1 and not dilated
+
+
+def _explicit(padding, lhs, rhs, strides) -> tuple:
+  """``padding`` as ``((top, bottom), (left, right))`` ints ('SAME'/'VALID' resolved)."""
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+  return tuple(tuple(int(p) for p in pair) for pair in padding)
+
+
+def _tap_views(x, kh: int, kw: int, strides, padding) -> list:
+  """The ``kh·kw`` shifted, strided views of NHWC ``x`` (explicit ``padding``) that kernel taps
+  ``(u, v)`` meet, tap-major (the order of ``W.reshape(kh * kw, C, D)``), each ``[B, Ho, Wo, C]``."""
+  x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
   (sh, sw), (b, hp, wp, c) = strides, x.shape
   ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-  return jnp.concatenate(
-      [jax.lax.slice(x, (0, u, v, 0), (b, u + sh * (ho - 1) + 1, v + sw * (wo - 1) + 1, c),
-                     (1, sh, sw, 1)) for u in range(kh) for v in range(kw)], axis=-1)
+  return [jax.lax.slice(x, (0, u, v, 0), (b, u + sh * (ho - 1) + 1, v + sw * (wo - 1) + 1, c),
+                        (1, sh, sw, 1)) for u in range(kh) for v in range(kw)]
 
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -106,8 +112,9 @@ def _conv_dw_matmul_bwd(strides, padding, precision, residuals, g):
   _, x_vjp = jax.vjp(lambda x: jax.lax.conv_general_dilated(
       x, w, strides, padding, dimension_numbers=_NHWC, precision=precision), x)
   kh, kw, c, d = w.shape
-  dw = jnp.einsum("bhwk,bhwd->kd", _patches(x, kh, kw, strides, padding), g.astype(x.dtype),
-                  precision=precision, preferred_element_type=jnp.float32)
+  patches = jnp.concatenate(_tap_views(x, kh, kw, strides, padding), axis=-1)  # im2col
+  dw = jnp.einsum("bhwk,bhwd->kd", patches, g.astype(x.dtype), precision=precision,
+                  preferred_element_type=jnp.float32)
   return x_vjp(g)[0], dw.reshape(kh, kw, c, d).astype(w.dtype)
 
 
@@ -130,17 +137,15 @@ def matmul_grad_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
   dilated, grouped or non-2-D convolutions, which the models here do not use, go to it
   unchanged.
   """
-  dilated = any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
-  if lhs.ndim != 4 or feature_group_count != 1 or dilated or preferred_element_type is not None:
+  if (not _plain_2d(lhs, lhs_dilation, rhs_dilation, feature_group_count)
+      or preferred_element_type is not None):
     return jax.lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, precision=precision, preferred_element_type=preferred_element_type)
   if rhs.shape[:2] == (1, 1) or any(st != 1 for st in window_strides):
     return shifted_matmul_conv(lhs, rhs, window_strides, padding, precision=precision)
-  if isinstance(padding, str):
-    padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-  padding = tuple(tuple(int(p) for p in pair) for pair in padding)
-  return _conv_dw_matmul(lhs, rhs, tuple(window_strides), padding, precision)
+  return _conv_dw_matmul(lhs, rhs, tuple(window_strides),
+                         _explicit(padding, lhs, rhs, window_strides), precision)
 
 
 def _conv_cls(conv: str):
