@@ -9,10 +9,11 @@ leaf with leading axis K) through one of these back-ends:
 ``chunked`` groups of ``chunk_size`` agents vmapped, the groups run one after another
             (``lax.map``): bounds peak memory at large K.
 ``map``     ``lax.map`` over agents: one agent at a time inside one compiled program.
-``shard``   ``jax.shard_map`` over a 1-D mesh of all devices (of every process) on axis
-            ``agents``; each device vmaps its K / n_devices agents. Needs K divisible by the
-            device count.
-``auto``    ``shard`` when several devices exist and divide K, else ``vmap``.
+``shard``   ``jax.shard_map`` over a 1-D mesh of devices on axis ``agents``; each device vmaps its
+            K / m agents. In one process the mesh is the first m devices, m the largest device
+            count that divides K (8 devices: K = 12 runs on 6, K = 4 on 4); over several
+            processes it is every device, and K must be a multiple of their count.
+``auto``    ``shard`` when at least two devices can split K evenly, else ``vmap``.
 =========== =================================================================================
 
 A run over several processes (:mod:`drt_jax.distributed`) needs ``shard``: the other back-ends
@@ -41,13 +42,13 @@ def check(backend: str, num_agents: int, chunk_size: int | None = None) -> None:
       raise ValueError(f"backend 'chunked' needs a chunk_size >= 1 dividing K={num_agents}; "
                        f"got {chunk_size}")
   n, processes = jax.device_count(), jax.process_count()
-  where = f"{n} devices" + (f" of {processes} processes" if processes > 1 else "")
-  if (backend == "shard" or processes > 1) and num_agents % n:
+  where = f"{n} devices of {processes} processes"
+  if processes > 1 and num_agents % n:
     # Refused rather than padded: padding agents would change the graph and the results.
     up = -(-num_agents // n) * n
     near = f"num_agents={up}" + (f" or {up - n}" if up > n else "")
     raise ValueError(f"K={num_agents} agents cannot be split evenly over {where}; use a "
-                     f"multiple of {n} ({near})" + ("" if processes > 1 else " or backend 'vmap'"))
+                     f"multiple of {n} ({near})")
   if processes > 1 and resolve(backend, num_agents) != "shard":
     raise ValueError(f"backend {backend!r} computes every agent on one device but this run spans "
                      f"{where}; use backend 'shard' (or 'auto')")
@@ -57,8 +58,21 @@ def resolve(backend: str, num_agents: int) -> str:
   """The concrete back-end ``auto`` stands for on this machine (or these processes)."""
   if backend != "auto":
     return backend
+  return "shard" if mesh_size(num_agents) > 1 else "vmap"
+
+
+def mesh_size(num_agents: int) -> int:
+  """How many devices the ``shard`` back-end spreads ``num_agents`` agents over.
+
+  Over several processes every device (each process must hold agents; :func:`check` refuses a K
+  they do not divide). In one process the largest device count that divides K, so that every
+  device computes the same number of agents: with 8 devices, K = 16 uses 8, K = 12 uses 6, K = 4
+  uses 4 and K = 11 one.
+  """
   n = jax.device_count()
-  return "shard" if n > 1 and num_agents % n == 0 else "vmap"
+  if jax.process_count() > 1 or num_agents < 1:
+    return n
+  return max(m for m in range(1, min(n, num_agents) + 1) if num_agents % m == 0)
 
 
 def best_conv(conv: str = "auto", precision: str = "float32") -> str:
@@ -74,9 +88,13 @@ def best_conv(conv: str = "auto", precision: str = "float32") -> str:
   return "taps" if jax.default_backend() == "gpu" and precision == "float32" else "xla"
 
 
-def agents_mesh() -> Mesh:
-  """A 1-D mesh of all devices (every process's) with axis ``agents``."""
-  return Mesh(np.array(jax.devices()), (AGENTS,))
+def agents_mesh(num_agents: int | None = None) -> Mesh:
+  """The 1-D mesh, axis ``agents``, that ``shard`` spreads ``num_agents`` agents over: the first
+  :func:`mesh_size` devices (every process's); all devices when ``num_agents`` is None."""
+  devices = jax.devices()
+  if num_agents is not None:
+    devices = devices[:mesh_size(num_agents)]
+  return Mesh(np.array(devices), (AGENTS,))
 
 
 def per_agent(fn: Callable, backend: str, num_agents: int, chunk_size: int | None = None,
@@ -119,7 +137,7 @@ def per_agent(fn: Callable, backend: str, num_agents: int, chunk_size: int | Non
       return jax.tree.map(lambda x: x.reshape((num_agents,) + x.shape[2:]), out)
 
     return chunked
-  mesh = agents_mesh()
+  mesh = agents_mesh(num_agents)
 
   def sharded(*args):
     specs = tuple(PartitionSpec() if i in shared and i not in blocks else PartitionSpec(AGENTS)
@@ -197,8 +215,9 @@ def agent_blocks(backend: str, num_agents: int) -> list[tuple[int, int]]:
   block) without the ``shard`` back-end."""
   if resolve(backend, num_agents) != "shard":
     return [(0, num_agents)]
-  per = num_agents // jax.device_count()
-  return [(j * per, (j + 1) * per) for j in range(jax.device_count())]
+  m = mesh_size(num_agents)
+  per = num_agents // m
+  return [(j * per, (j + 1) * per) for j in range(m)]
 
 
 def device_blocks(block: Callable[[int], np.ndarray], shape: tuple[int, ...], backend: str,
@@ -212,27 +231,27 @@ def device_blocks(block: Callable[[int], np.ndarray], shape: tuple[int, ...], ba
   sharding = split(backend, num_agents)
   if sharding is None:
     return jax.numpy.asarray(block(0))
-  rows = shape[0]
+  rows, m = shape[0], mesh_size(num_agents)
 
   def local(index):
-    start, _, _ = index[0].indices(jax.device_count() * rows)
+    start, _, _ = index[0].indices(m * rows)
     return block(start // rows)[(slice(None),) + tuple(index[1:])]
 
-  return jax.make_array_from_callback((jax.device_count() * rows, *shape[1:]), sharding, local)
+  return jax.make_array_from_callback((m * rows, *shape[1:]), sharding, local)
 
 
 def split(backend: str, num_agents: int) -> NamedSharding | None:
   """The sharding of stacked values, split over the agents (None: JAX's default placement)."""
   if resolve(backend, num_agents) != "shard":
     return None
-  return NamedSharding(agents_mesh(), PartitionSpec(AGENTS))
+  return NamedSharding(agents_mesh(num_agents), PartitionSpec(AGENTS))
 
 
 def replicated(backend: str, num_agents: int) -> NamedSharding | None:
   """The sharding of values every device holds whole (None: JAX's default placement)."""
   if resolve(backend, num_agents) != "shard":
     return None
-  return NamedSharding(agents_mesh(), PartitionSpec())
+  return NamedSharding(agents_mesh(num_agents), PartitionSpec())
 
 
 def local_agents(x: jax.Array) -> list[int]:

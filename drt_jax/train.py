@@ -766,12 +766,15 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
   logging.info("data %s: %d training examples over %d agents (%s partition, %d-%d each), "
                "%s on device", d.name, len(d.train_labels), c.num_agents, c.partition,
                counts.min(), counts.max(), _megabytes(device_bytes(dev)))
-  logging.info("devices: %s; backend %s -> %s", jax.devices(), c.backend,
-               backends.resolve(c.backend, c.num_agents))
+  resolved = backends.resolve(c.backend, c.num_agents)
+  used = backends.mesh_size(c.num_agents) if resolved == "shard" else 1
+  logging.info("devices: %s; backend %s -> %s on %d of them", jax.devices(), c.backend, resolved,
+               used)
   mine = backends.local_agents(dev.idx)
   span = f"{mine[0]}-{mine[-1]}" if mine == list(range(mine[0], mine[-1] + 1)) else str(mine)
   logging.info("process %d of %d holds agents %s (their examples and index lists) on %d devices",
-               jax.process_index(), jax.process_count(), span, jax.local_device_count())
+               jax.process_index(), jax.process_count(), span,
+               len({s.device for s in dev.idx.addressable_shards}))
   logging.info("topology %s (slem %.4f); algorithm %s; K=%d", topo, topo.slem(), c.algorithm,
                c.num_agents)
 

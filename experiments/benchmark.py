@@ -286,12 +286,12 @@ def combine_bytes(k_count: int, params: int, topology_name: str) -> dict:
   from drt_jax import backends  # noqa: PLC0415
   from drt_jax import topology as topology_lib  # noqa: PLC0415
 
-  split = NamedSharding(backends.agents_mesh(), PartitionSpec(backends.AGENTS))
+  split = NamedSharding(backends.agents_mesh(k_count), PartitionSpec(backends.AGENTS))
   topo = topology_lib.make(topology_name, k_count)
   x = jax.device_put(jnp.zeros((k_count, params), jnp.float32), split)
   hlo = jax.jit(combine_lib.combine, out_shardings=split).lower(x, topo).compile().as_text()
   moved = _collective_bytes(hlo)
-  return {"topology": topology_name, "K": k_count, "devices": jax.local_device_count(),
+  return {"topology": topology_name, "K": k_count, "devices": backends.mesh_size(k_count),
           "params_per_agent": params, "bytes_by_collective": moved,
           "bytes_per_device": sum(moved.values()), "edges": topo.num_edges()}
 
@@ -600,7 +600,7 @@ def measure(case: Case, run_kw: dict, sink: _Sink, pruned: dict) -> tuple[list, 
 
   ``pruned`` maps back-ends too slow at a smaller K to the reason; slow ones are added to it.
   """
-  rows, single_img_s, n_dev = [], None, jax.local_device_count()
+  rows, single_img_s, n_dev = [], None, backends.mesh_size(case.k_count)
 
   def record(variant, fn, *, backend=None, algorithm=None):
     nonlocal single_img_s
@@ -630,8 +630,9 @@ def measure(case: Case, run_kw: dict, sink: _Sink, pruned: dict) -> tuple[list, 
     if backend in pruned:
       logging.info("skipping %s at K=%d: %s", backend, case.k_count, pruned[backend])
       continue
-    if backend == "shard" and (n_dev < 2 or case.k_count % n_dev):
-      logging.info("skipping shard: %d local devices, K=%d", n_dev, case.k_count)
+    if backend == "shard" and n_dev < 2:
+      logging.info("skipping shard: no two of %d local devices split K=%d evenly",
+                   jax.local_device_count(), case.k_count)
       continue
     if backend == "chunked" and case.k_count % chunk:
       logging.info("skipping chunked: chunk_size %d does not divide K=%d", chunk, case.k_count)

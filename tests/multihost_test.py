@@ -213,13 +213,15 @@ class BadInputTest(absltest.TestCase):
       self.assertEqual(_last_line(stderr), "error: K=6 agents cannot be split evenly over 8 "
                        "devices of 2 processes; use a multiple of 8 (num_agents=8)")
 
-  def test_agents_not_divisible_in_one_process(self):
+  def test_one_process_shards_over_the_devices_that_divide_k(self):
     if jax.device_count() != 8:
       self.skipTest("needs 8 devices (conftest.py)")
-    with self.assertRaisesRegex(ValueError, r"^K=12 agents cannot be split evenly over 8 devices; "
-                                r"use a multiple of 8 \(num_agents=16 or 8\) or backend 'vmap'$"):
-      backends.check("shard", 12)
-    self.assertEqual(backends.resolve("auto", 12), "vmap")  # auto falls back, saying nothing
+    for k_count, used in ((16, 8), (12, 6), (4, 4), (7, 7), (11, 1), (1, 1)):
+      backends.check("shard", k_count)
+      self.assertEqual(backends.mesh_size(k_count), used, k_count)
+      self.assertEqual(backends.agents_mesh(k_count).devices.tolist(), jax.devices()[:used])
+      self.assertEqual(backends.resolve("auto", k_count), "shard" if used > 1 else "vmap")
+      self.assertLen(backends.agent_blocks("shard", k_count), used)
 
   def test_unreachable_coordinator_fails_fast_naming_the_address(self):
     ports = {1: _free_port(), 0: _free_port()}  # nobody listens on either yet

@@ -170,5 +170,33 @@ class CollectivesTest(parameterized.TestCase):
     self.assertEmpty(big, f"{name} on the {kind} all-gathers parameter-sized arrays: {big}")
 
 
+class SubMeshTest(absltest.TestCase):
+  """K that the device count does not divide: ``auto`` shards over the devices that divide K."""
+
+  def test_training_on_six_of_eight_devices_equals_vmap(self):
+    if jax.local_device_count() != 8:
+      self.skipTest("needs 8 local devices")
+    d = data.synthetic(num_train=240, num_test=32, shape=(4, 4, 1), seed=0)
+    base = {"num_agents": 6, "model": "mlp", "model_options": {"hidden": (8,)}, "batch_size": 4,
+            "algorithm": "drt", "num_steps": 4, "eval_every": 2, "eval_examples": 32,
+            "train_eval_examples": 32, "eval_batch_size": 16}
+    c = config.resolve({**base, "backend": "auto"})
+    self.assertEqual(backends.resolve(c.backend, 6), "shard")
+    model, alg, topo = train.make_model(c, d), train.make_algorithm(c), train.make_topology(c)
+    state = train.init_state(c, model, alg, topo)
+    for leaf in jax.tree.leaves(state.params):
+      self.assertEqual(leaf.sharding.mesh.devices.tolist(), jax.devices()[:6])
+      self.assertEqual({s.data.shape[0] for s in leaf.addressable_shards}, {1})
+    dev = train.device_data(d, partition.make("iid", d.train_labels, 6, seed=0), "auto")
+    self.assertEqual(dev.images.shape[0] % 6, 0)  # one block of examples per used device
+    histories = {b: train.train_and_evaluate({**base, "backend": b}, data=d)
+                 for b in ("auto", "vmap")}
+    for got, want in zip(*histories.values(), strict=True):
+      self.assertEqual(got.keys(), want.keys())
+      for name, value in want.items():
+        if isinstance(value, float) and name not in ("wall_time", "steps_per_sec"):
+          np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
 if __name__ == "__main__":
   absltest.main()
