@@ -230,9 +230,10 @@ def drt_diffusion(local_optimizer: optax.GradientTransformation, *, variant: str
     m = combine_lib.as_mixing(topology, state.count)
 
     def communicate():
+      nbrs = combine_lib.neighbours(psi, m)  # one exchange for the distances and the combine
       layer_w, _ = drt_lib.weights(psi, m, names, gamma(state, psi, names), variant=variant,
-                                   floor=floor, eps=eps)
-      return combine_lib.combine_layers(psi, m, layer_w, names), layer_w
+                                   floor=floor, eps=eps, nbrs=nbrs)
+      return combine_lib.combine_layers(psi, m, layer_w, names, nbrs), layer_w
 
     def stay():  # keeps the last weights for metrics; combine_stats knows nothing was mixed
       return psi, state.layer_w

@@ -58,13 +58,25 @@ def neighbour(x, mixing: Mixing, j: int):
   return jax.lax.switch(mixing.t, [functools.partial(roll, t) for t in range(len(shifts.table))])
 
 
-def _combine_leaf(x, mixing: Mixing, nbr_w):
-  """sum_j nbr_w[k, j] * x[nbr_idx[k, j]] for one leaf ``x[K, ...]``."""
+def neighbours(stacked_tree: PyTree, mixing: Mixing) -> list[list[jax.Array]]:
+  """Every leaf's neighbour copies, slots 1..D-1 (:func:`neighbour`), in leaf order.
+
+  Computed once and passed to both DRT's distances and :func:`combine_layers`: on an agents
+  mesh each copy is a collective, which XLA does not merge when it is written twice.
+  """
+  width = mixing.nbr_idx.shape[1]
+  return [[neighbour(x, mixing, j) for j in range(1, width)] for x in jax.tree.leaves(stacked_tree)]
+
+
+def _combine_leaf(x, mixing: Mixing, nbr_w, nbrs=None):
+  """sum_j nbr_w[k, j] * x[nbr_idx[k, j]] for one leaf ``x[K, ...]`` (``nbrs``: the copies
+  ``x[nbr_idx[:, j]]`` of slots 1..D-1 when already at hand)."""
   dtype = _acc_dtype(x)
   expand = (slice(None),) + (None,) * (x.ndim - 1)
   out = nbr_w[:, 0].astype(dtype)[expand] * x.astype(dtype)  # slot 0 is the agent itself
   for j in range(1, nbr_w.shape[1]):
-    out = out + nbr_w[:, j].astype(dtype)[expand] * neighbour(x, mixing, j)
+    y = neighbour(x, mixing, j) if nbrs is None else nbrs[j - 1]
+    out = out + nbr_w[:, j].astype(dtype)[expand] * y
   return out.astype(x.dtype)
 
 
@@ -152,16 +164,17 @@ def layer_sizes(tree: PyTree, names: list[str], stacked: bool = True) -> dict[st
 
 
 def combine_layers(stacked_tree: PyTree, mixing, layer_w: Mapping[str, jax.Array],
-                   names: list[str]) -> PyTree:
+                   names: list[str], nbrs: list | None = None) -> PyTree:
   """Combines each leaf with its layer's weights ``layer_w[name]`` (each ``[K, D]``).
 
   ``mixing`` gives the neighbour lists: a :class:`Mixing` (its weights are not used) or just the
-  ``nbr_idx`` array.
+  ``nbr_idx`` array. ``nbrs``: the leaves' neighbour copies from :func:`neighbours`, if computed.
   """
   if not isinstance(mixing, Mixing):
     mixing = Mixing(mixing, None)
   leaves, treedef = jax.tree.flatten(stacked_tree)
-  out = [_combine_leaf(x, mixing, layer_w[n]) for x, n in zip(leaves, names)]
+  nbrs = [None] * len(leaves) if nbrs is None else nbrs
+  out = [_combine_leaf(x, mixing, layer_w[n], y) for x, n, y in zip(leaves, names, nbrs)]
   return jax.tree.unflatten(treedef, out)
 
 

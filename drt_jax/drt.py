@@ -72,19 +72,22 @@ def calibrate(stacked_params: PyTree, names: list[str], eps: float = 1e-6) -> di
   return {p: jnp.mean(v) for p, v in guarded_sq_norms(stacked_params, names, eps).items()}
 
 
-def _edge_sq_dists(stacked_tree, names, mixing) -> dict:
-  """||psi_k^(p) - psi_l^(p)||^2 for l = nbr_idx[k, j]: dict layer -> ``[K, D]`` (slot 0 = 0)."""
-  width = mixing.nbr_idx.shape[1]
+def _edge_sq_dists(stacked_tree, names, mixing, nbrs=None) -> dict:
+  """||psi_k^(p) - psi_l^(p)||^2 for l = nbr_idx[k, j]: dict layer -> ``[K, D]`` (slot 0 = 0).
+
+  ``nbrs``: the leaves' neighbour copies (:func:`drt_jax.combine.neighbours`), so that the
+  combination can reuse them; computed here when not given.
+  """
+  leaves = jax.tree.leaves(stacked_tree)
+  nbrs = combine_lib.neighbours(stacked_tree, mixing) if nbrs is None else nbrs
   out = {}
-  for name, leaf in zip(names, jax.tree.leaves(stacked_tree)):
+  for name, leaf, copies in zip(names, leaves, nbrs):
     dtype = jnp.promote_types(leaf.dtype, jnp.float32)
     flat = lambda v, dtype=dtype: v.astype(dtype).reshape(v.shape[0], -1)  # noqa: E731
     x = flat(leaf)
     cols = [jnp.zeros(x.shape[0], x.dtype)]
-    for j in range(1, width):
-      # Gathers exactly as the combine does (same operand, same indices), so that XLA computes
-      # each neighbour gather once for the distances and the combination.
-      cols.append(jnp.sum(jnp.square(x - flat(combine_lib.neighbour(leaf, mixing, j))), axis=1))
+    for y in copies:
+      cols.append(jnp.sum(jnp.square(x - flat(y)), axis=1))
     sq = jnp.stack(cols, axis=1)
     out[name] = out[name] + sq if name in out else sq
   return out
@@ -114,7 +117,7 @@ def _reverse_edge_weights(off, log_a, log_s, nbr_idx, neighbour, floor):
 
 
 def weights(psi: PyTree, mixing: Mixing, names: list[str], gamma: dict, *, variant: str = "drt",
-            floor: float = 0.05, eps: float = 1e-6):
+            floor: float = 0.05, eps: float = 1e-6, nbrs: list | None = None):
   """Per-layer combination weights of DRT diffusion on the neighbour list of ``mixing``.
 
   Args:
@@ -125,6 +128,8 @@ def weights(psi: PyTree, mixing: Mixing, names: list[str], gamma: dict, *, varia
     variant: one of :data:`VARIANTS`.
     floor: the self-weight floor delta in [0, 1).
     eps: relative norm guard.
+    nbrs: the leaves' neighbour copies (:func:`drt_jax.combine.neighbours`) when the caller
+      combines with them too; computed here otherwise.
 
   Returns:
     ``(layer_w, log1p_drt)``: dict layer -> ``[K, D]`` weights a_lk^(p) on the neighbour list
@@ -137,7 +142,7 @@ def weights(psi: PyTree, mixing: Mixing, names: list[str], gamma: dict, *, varia
   log_n = jnp.stack([0.5 * jnp.log(sq_norm[p]) for p in layers])  # [P, K]
   log_n_l = log_n[:, nbr_idx]  # [P, K, D]: the neighbour's norm
   log_n_k = log_n[:, :, None]
-  dist = _edge_sq_dists(psi, names, mixing)
+  dist = _edge_sq_dists(psi, names, mixing, nbrs)
   log_dist = 0.5 * jnp.log(jnp.stack([dist[p] for p in layers]))  # -inf where equal
   neighbour = (jnp.arange(c.shape[1]) > 0)[None, :] & (c > 0)  # [K, D]
 

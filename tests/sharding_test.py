@@ -169,6 +169,22 @@ class CollectivesTest(parameterized.TestCase):
     big = [s for s in ops["all-gather"] if _elements(s) >= 40 * 25]
     self.assertEmpty(big, f"{name} on the {kind} all-gathers parameter-sized arrays: {big}")
 
+  @parameterized.parameters("ring", "torus")
+  def test_drt_exchanges_parameters_as_often_as_atc(self, kind):
+    # The distances and the combine share one copy of each neighbour's leaves: XLA does not
+    # merge collectives written twice, so DRT used to move every parameter twice.
+    topo = topology.make(kind, K)
+    params = self._params()
+    permutes = {}
+    for name in ("atc", "drt"):
+      alg = algorithms.make(name, optax.sgd(0.1))
+      state = backends.place(alg.init(params, topo), "shard", K)
+      hlo = jax.jit(alg.step).lower(params, params, state, topo).compile().as_text()
+      permutes[name] = sorted(s for s in _collectives(hlo)["collective-permute"]
+                              if _elements(s) >= 25)
+    self.assertNotEmpty(permutes["atc"])
+    self.assertEqual(permutes["drt"], permutes["atc"])
+
 
 class SubMeshTest(absltest.TestCase):
   """K that the device count does not divide: ``auto`` shards over the devices that divide K."""
