@@ -391,6 +391,29 @@ def library_case(case: Case, backend: str, chunk_size: int, algorithm: str, run_
                   summary)
 
 
+def algorithm_case(case: Case, backend: str, algorithm: str, reps: int) -> float:
+  """Median ms of the algorithm's own step alone: the local optimizer update from given
+  gradients and the combination (DRT: its weights too), without the model's forward and
+  backward pass. Whole train steps compiled apart can differ by more than DRT's cost (the
+  convolutions' algorithms are tuned per program); this isolates what the algorithm adds."""
+  c = config_lib.resolve({
+      "num_agents": case.k_count, "batch_size": case.batch, "backend": backend,
+      "model": case.model_name, "algorithm": algorithm, "topology": FLAGS.topology,
+      "learning_rate": FLAGS.learning_rate, "precision": FLAGS.precision, "conv": FLAGS.conv})
+  model, alg = train.make_model(c, case.data), train.make_algorithm(c)
+  topo = jax.device_put(train.make_topology(c))
+  state = train.init_state(c, model, alg, topo)
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 1e-3), state.params)
+  fn = jax.jit(alg.step)
+  jax.block_until_ready(fn(state.params, grads, state.alg_state, topo))
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(state.params, grads, state.alg_state, topo))
+    times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
+
+
 class _SingleState(NamedTuple):
   params: Any
   model_state: Any
@@ -540,12 +563,17 @@ def _table(machine: dict, rows: list, comparisons: list) -> str:
       lines += ["", f"Costliest ops, {model}, K = {k_count}, {variant}:", "",
                 op_profile.top_table(summary, 10)]
   if comparisons:
-    lines += ["", "| model | K | back-end | algorithm ms | compare ms | ratio |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "Whole train steps, and the algorithms' own steps alone (local update from given "
+              "gradients + combination, no forward/backward):", "",
+              "| model | K | back-end | algorithm ms | compare ms | ratio | alone: algorithm ms | "
+              "compare ms | difference ms |", "|---|---|---|---|---|---|---|---|---|"]
     for cmp in comparisons:
+      alone_a, alone_c = cmp.get("algorithm_alone_ms"), cmp.get("compare_alone_ms")
+      diff = None if alone_a is None or alone_c is None else alone_c - alone_a
       lines.append(f"| {cmp['model']} | {cmp['K']} | {cmp['backend']} | "
                    f"{cmp['algorithm']} {cmp['algorithm_ms']:.1f} | "
-                   f"{cmp['compare']} {cmp['compare_ms']:.1f} | {cmp['ratio']:.2f} |")
+                   f"{cmp['compare']} {cmp['compare_ms']:.1f} | {cmp['ratio']:.2f} | "
+                   f"{_fmt(alone_a, '.2f')} | {_fmt(alone_c, '.2f')} | {_fmt(diff, '.2f')} |")
   return "\n".join(lines)
 
 
@@ -664,6 +692,15 @@ def measure(case: Case, run_kw: dict, sink: _Sink, pruned: dict) -> tuple[list, 
                 "algorithm": FLAGS.algorithm, "algorithm_ms": best["step_ms"],
                 "compare": FLAGS.compare, "compare_ms": row["step_ms"],
                 "ratio": row["step_ms"] / best["step_ms"]}
+  try:
+    reps = max(5, FLAGS.steps)
+    for key, name in (("algorithm_alone_ms", FLAGS.algorithm), ("compare_alone_ms", FLAGS.compare)):
+      comparison[key] = algorithm_case(case, best["backend"], name, reps)
+    logging.info("  algorithm steps alone: %s %.2f ms, %s %.2f ms", FLAGS.algorithm,
+                 comparison["algorithm_alone_ms"], FLAGS.compare, comparison["compare_alone_ms"])
+  except Exception:  # the whole-step comparison stands without it
+    logging.exception("%s K=%d: timing the algorithm steps alone failed", case.model_name,
+                      case.k_count)
   sink.write({"comparison": comparison})
   return rows, comparison
 

@@ -60,6 +60,10 @@ class BenchmarkSmokeTest(absltest.TestCase):
       self.assertAlmostEqual(p["busy_ms"], sum(p["by_category"].values()))
     self.assertIn("Device time per step by kind of XLA op, mlp, K = 4", result["table"])
     self.assertLen(result["comparisons"], 2)
+    for cmp in result["comparisons"]:  # the algorithms' own steps, timed apart from the model
+      self.assertGreater(cmp["algorithm_alone_ms"], 0)
+      self.assertGreater(cmp["compare_alone_ms"], 0)
+    self.assertIn("| alone: algorithm ms |", result["table"])
     # The JSONL stream holds the machine line, every row and every comparison.
     self.assertIn("machine", lines[0])
     self.assertEqual([ln for ln in lines if "variant" in ln], rows)
