@@ -11,7 +11,7 @@ For every model and K it times, on the same machine and in the same process:
   round.
 * ``vmap``, ``chunked(C)``, ``map``, ``shard(N)``: the library's real compiled train step
   (``drt_jax.train.build_programs``) with ``--algorithm`` (ATC by default), per back-end of
-  :mod:`drt_jax.backends`; ``shard`` only when several local devices divide K.
+  :mod:`drt_jax.backends`; ``shard(N)`` on the N devices that split K evenly, when N >= 2.
 * ``<compare>:<best>``: the ``--compare`` algorithm (DRT by default) on the fastest back-end of
   that model/K; the summary gives its step time over the ``--algorithm`` one (drt/atc).
 
