@@ -23,7 +23,8 @@ and the same function every way: ``'xla'`` (``lax.conv_general_dilated``; vmappe
 becomes a grouped convolution), ``'taps'`` (:func:`shifted_matmul_conv`; vmapped, batched matrix
 products) or ``'xla_dw_matmul'`` (:func:`matmul_grad_conv`: XLA's convolution forward and for
 the input gradient, the kernel gradient as one matrix product of image patches; strided and 1x1
-convolutions as matrix products throughout).
+convolutions as matrix products throughout); ``'xla_dw_taps'`` is the same with the kernel
+gradient as one matrix product per kernel tap (no patch matrix).
 """
 
 import functools
@@ -36,7 +37,8 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
-CONVS = ("xla", "taps", "xla_dw_matmul")  # formulations of a convolution (see the module docstring)
+# Formulations of a convolution (see the module docstring).
+CONVS = ("xla", "taps", "xla_dw_matmul", "xla_dw_taps")
 
 
 def shifted_matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -97,24 +99,29 @@ def _tap_views(x, kh: int, kw: int, strides, padding) -> list:
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_dw_matmul(x, w, strides, padding, precision):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv_dw_matmul(x, w, strides, padding, precision, per_tap):
+  del per_tap  # how the kernel gradient is computed
   return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC,
                                       precision=precision)
 
 
-def _conv_dw_matmul_fwd(x, w, strides, padding, precision):
-  return _conv_dw_matmul(x, w, strides, padding, precision), (x, w)
+def _conv_dw_matmul_fwd(x, w, strides, padding, precision, per_tap):
+  return _conv_dw_matmul(x, w, strides, padding, precision, per_tap), (x, w)
 
 
-def _conv_dw_matmul_bwd(strides, padding, precision, residuals, g):
+def _conv_dw_matmul_bwd(strides, padding, precision, per_tap, residuals, g):
   x, w = residuals
   _, x_vjp = jax.vjp(lambda x: jax.lax.conv_general_dilated(
       x, w, strides, padding, dimension_numbers=_NHWC, precision=precision), x)
   kh, kw, c, d = w.shape
-  patches = jnp.concatenate(_tap_views(x, kh, kw, strides, padding), axis=-1)  # im2col
-  dw = jnp.einsum("bhwk,bhwd->kd", patches, g.astype(x.dtype), precision=precision,
-                  preferred_element_type=jnp.float32)
+  views, g = _tap_views(x, kh, kw, strides, padding), g.astype(x.dtype)
+  if per_tap:  # dW[u, v] = view_uv^T @ dy: kh·kw products, no patch matrix
+    dw = jnp.stack([jnp.einsum("bhwc,bhwd->cd", view, g, precision=precision,
+                               preferred_element_type=jnp.float32) for view in views])
+  else:  # one product of the patch matrix (im2col)
+    dw = jnp.einsum("bhwk,bhwd->kd", jnp.concatenate(views, axis=-1), g, precision=precision,
+                    preferred_element_type=jnp.float32)
   return x_vjp(g)[0], dw.reshape(kh, kw, c, d).astype(w.dtype)
 
 
@@ -123,7 +130,7 @@ _conv_dw_matmul.defvjp(_conv_dw_matmul_fwd, _conv_dw_matmul_bwd)
 
 def matmul_grad_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                      dimension_numbers=None, feature_group_count=1, precision=None,
-                     preferred_element_type=None):
+                     preferred_element_type=None, *, per_tap: bool = False):
   """A 2-D convolution whose gradients avoid per-agent cuDNN loops, a drop-in for ``nn.Conv``.
 
   Stride-1 convolutions keep ``lax.conv_general_dilated`` for the forward pass and the input
@@ -136,6 +143,10 @@ def matmul_grad_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
   agent (docs/performance.md). Same function and gradients as ``lax.conv_general_dilated``;
   dilated, grouped or non-2-D convolutions, which the models here do not use, go to it
   unchanged.
+
+  With ``per_tap`` the kernel gradient is ``kh·kw`` products ``view_uv^T @ dy``, one per tap
+  (vmapped: ``[K, C, B·Ho·Wo] × [K, B·Ho·Wo, D]``), which reads each shifted view where it lies
+  instead of writing the ``kh·kw`` times larger patch matrix first.
   """
   if (not _plain_2d(lhs, lhs_dilation, rhs_dilation, feature_group_count)
       or preferred_element_type is not None):
@@ -145,7 +156,7 @@ def matmul_grad_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
   if rhs.shape[:2] == (1, 1) or any(st != 1 for st in window_strides):
     return shifted_matmul_conv(lhs, rhs, window_strides, padding, precision=precision)
   return _conv_dw_matmul(lhs, rhs, tuple(window_strides),
-                         _explicit(padding, lhs, rhs, window_strides), precision)
+                         _explicit(padding, lhs, rhs, window_strides), precision, per_tap)
 
 
 def _conv_cls(conv: str):
@@ -153,7 +164,8 @@ def _conv_cls(conv: str):
     raise ValueError(f"unknown conv {conv!r}; expected one of: {', '.join(CONVS)}")
   if conv == "xla":
     return nn.Conv
-  fn = shifted_matmul_conv if conv == "taps" else matmul_grad_conv
+  fn = {"taps": shifted_matmul_conv, "xla_dw_matmul": matmul_grad_conv,
+        "xla_dw_taps": functools.partial(matmul_grad_conv, per_tap=True)}[conv]
   return functools.partial(nn.Conv, conv_general_dilated=fn)
 
 

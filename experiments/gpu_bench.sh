@@ -54,6 +54,13 @@ bench r20_k64_fp32_dwmm 100 --models resnet20 --ks 64 --backends vmap --baseline
 bench r20_k64_bf16_dwmm 110 --models resnet20 --ks 64 --backends vmap --baselines single \
   --precision bfloat16 --steps 8 --warmup 2 --case_budget_s 4 --conv xla_dw_matmul \
   --baseline_conv xla --compare drt --profile_steps 3
+# 1b. The same with one matmul per kernel tap for the kernel gradient (no patch matrix).
+bench r20_k64_bf16_dwtaps 60 --models resnet20 --ks 64 --backends vmap --baselines= \
+  --precision bfloat16 --steps 8 --warmup 2 --case_budget_s 4 --conv xla_dw_taps --compare=
+# 1c. DRT against ATC on the small CNN, profiled (DRT cost 1.38x ATC at K = 64 on the H200), with
+#     both algorithms' own steps timed alone (is it DRT's work or the programs' conv tuning?).
+bench cnn_k64_drt 45 --models cnn --ks 64 --backends vmap --baselines= --compare drt \
+  --steps 10 --warmup 2 --case_budget_s 3 --conv xla --profile_steps 3
 # 2. 1,024 agents with 16 img/agent, bf16 (the `auto` path): does it fit? The compile log line
 #    gives XLA's memory estimate even if the steps are cut short.
 bench r20_k1024_b16 200 --models resnet20 --ks 1024 --batch 16 --backends vmap --baselines= \
@@ -67,19 +74,16 @@ fi
 # 3. Scaling in K with the kernel gradients as matmuls, bf16, K = 256.
 bench r20_k256_bf16_dwmm 70 --models resnet20 --ks 256 --backends vmap --baselines= --compare= \
   --precision bfloat16 --steps 4 --warmup 1 --case_budget_s 4 --conv xla_dw_matmul
-# 4. DRT against ATC on the small CNN, profiled (DRT cost 1.38x ATC at K = 64 on the H200).
-bench cnn_k64_drt 60 --models cnn --ks 64 --backends vmap --baselines= --compare drt \
-  --steps 10 --warmup 2 --case_budget_s 3 --conv xla --profile_steps 3
-# 5. The small CNN from 16 to 1,024 agents, and the combine alone up to K = 1,024.
+# 4. The small CNN from 16 to 1,024 agents, and the combine alone up to K = 1,024.
 bench cnn_k16_1024 80 --models cnn --ks 16,64,256,1024 --backends vmap --baselines single \
   --steps 10 --warmup 2 --case_budget_s 3 --conv xla
 t=$(left 40) && timeout "$t" "$PY" experiments/benchmark.py --models mlp --ks 4 --backends vmap \
   --steps 2 --warmup 1 --compare= --data_memory= --combine_ks 16,64,256,1024 \
   --out "$OUT/combine.json" 2>&1 | grep -A8 "combine alone"
-# 6. The per-agent convolution alone: grouped (vmap) vs channel padding vs one matmul per tap.
+# 5. The per-agent convolution alone: grouped (vmap) vs channel padding vs one matmul per tap.
 t=$(left 60) && timeout "$t" "$PY" experiments/agent_conv.py --k 64 --batch 32 \
   --out "$OUT/agent_conv.jsonl" 2>&1 | grep -E "^\|"
-# 7. The loop of K jitted single-agent steps (JAX), fp32 (measured before: it compiles for a
+# 6. The loop of K jitted single-agent steps (JAX), fp32 (measured before: it compiles for a
 #    minute, so it comes last).
 bench r20_k64_loop 90 --models resnet20 --ks 64 --backends= --baselines loop --compare= \
   --steps 3 --warmup 1 --case_budget_s 4 --conv xla

@@ -4,9 +4,11 @@ Runs in a subprocess so that its ``--host_devices`` (set through XLA_FLAGS befor
 independent of the 8 devices this test process already has.
 """
 
+import ast
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -119,6 +121,15 @@ class BenchmarkSmokeTest(absltest.TestCase):
     for r in result["rows"]:
       self.assertEqual(r["profile"]["program"], "as timed")
       self.assertGreater(r["profile"]["by_category"]["conv"], 0)
+
+
+  def test_conv_choices_are_the_models_formulations(self):
+    # The script defines its flags before JAX (and the models) are imported, so it lists them.
+    from drt_jax import models  # noqa: PLC0415
+
+    with open(_SCRIPT) as f:
+      listed = re.search(r"^_CONVS = (\[.*?\])", f.read(), re.M).group(1)
+    self.assertEqual(ast.literal_eval(listed), ["auto", *models.CONVS])
 
 
 if __name__ == "__main__":

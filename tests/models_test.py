@@ -111,7 +111,8 @@ class ModelsTest(chex.TestCase):
 
 
 class ConvFormulationTest(parameterized.TestCase):
-  """conv='taps' and 'xla_dw_matmul' are the same function of the same parameters as 'xla'."""
+  """conv='taps', 'xla_dw_matmul' and 'xla_dw_taps' are the same function of the same parameters
+  as 'xla'."""
 
   @parameterized.parameters(
       ((9, 9, 3), (3, 3), (1, 1), "SAME"), ((8, 8, 4), (3, 3), (2, 2), "SAME"),
@@ -127,11 +128,13 @@ class ConvFormulationTest(parameterized.TestCase):
     self.assertEqual(got.shape, want.shape)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
-  @parameterized.parameters(
-      ((9, 9, 3), (3, 3), (1, 1), "SAME"), ((8, 8, 4), (3, 3), (2, 2), "SAME"),
-      ((7, 6, 2), (1, 1), (2, 2), "SAME"), ((8, 8, 2), (3, 3), (1, 2), "VALID"),
-      ((8, 8, 2), (3, 3), (1, 1), ((2, 0), (1, 1))))
-  def test_matmul_grad_conv_matches_lax_vmapped(self, shape, kernel, strides, padding):
+  @parameterized.product(
+      case=(((9, 9, 3), (3, 3), (1, 1), "SAME"), ((8, 8, 4), (3, 3), (2, 2), "SAME"),
+            ((7, 6, 2), (1, 1), (2, 2), "SAME"), ((8, 8, 2), (3, 3), (1, 2), "VALID"),
+            ((8, 8, 2), (3, 3), (1, 1), ((2, 0), (1, 1)))),
+      per_tap=(False, True))
+  def test_matmul_grad_conv_matches_lax_vmapped(self, case, per_tap):
+    shape, kernel, strides, padding = case
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(k1, (3, 2, *shape))  # 3 agents
     w = jax.random.normal(k2, (3, *kernel, shape[-1], 5))
@@ -143,10 +146,11 @@ class ConvFormulationTest(parameterized.TestCase):
       return jax.jit(jax.vmap(jax.value_and_grad(fn, argnums=(0, 1))))(x, w)
 
     want = value_and_grads(jax.lax.conv_general_dilated)
-    got = value_and_grads(models.matmul_grad_conv)
+    got = value_and_grads(functools.partial(models.matmul_grad_conv, per_tap=per_tap))
     chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-4)
 
-  def test_matmul_grad_conv_kernel_gradient_is_a_dot(self):
+  @parameterized.parameters(False, True)
+  def test_matmul_grad_conv_kernel_gradient_is_a_dot(self, per_tap):
     """The point of it: vmapped, the kernel gradient is a dot, not a grouped convolution."""
     x, w = jnp.ones((4, 2, 8, 8, 3)), jnp.ones((4, 3, 3, 3, 5))
 
@@ -158,16 +162,17 @@ class ConvFormulationTest(parameterized.TestCase):
 
     # Forward and kernel gradient are both grouped convolutions over the 4 agents ...
     self.assertEqual(compiled_grad_w(jax.lax.conv_general_dilated).count(" convolution("), 2)
-    text = compiled_grad_w(models.matmul_grad_conv)
+    text = compiled_grad_w(functools.partial(models.matmul_grad_conv, per_tap=per_tap))
     self.assertEqual(text.count(" convolution("), 1)  # ... here only the forward one is,
-    self.assertIn(" dot(", text)  # and the kernel gradient is a batched matrix product.
+    # and the kernel gradient is batched matrix products: one of patches, or one per tap.
+    self.assertEqual(text.count(" dot("), 9 if per_tap else 1)
 
   # Small versions: the strided convolutions and 1x1 shortcuts are there, the compile time not.
   @parameterized.parameters(
       ("resnet20", {"stage_sizes": (1, 1, 1), "widths": (4, 8, 8), "input_shape": (12, 12, 3)}),
       ("cnn", {"features": (4, 8), "hidden": 16, "input_shape": (12, 12, 1)}))
   def test_same_parameters_outputs_and_gradients_vmapped(self, name, kw):
-    for conv in ("taps", "xla_dw_matmul"):
+    for conv in ("taps", "xla_dw_matmul", "xla_dw_taps"):
       with self.subTest(conv):
         self._check_same_as_xla(name, kw, conv)
 
@@ -197,7 +202,7 @@ class ConvFormulationTest(parameterized.TestCase):
 
   def test_unknown_conv(self):
     with self.assertRaisesWithLiteralMatch(
-        ValueError, "unknown conv 'fft'; expected one of: xla, taps, xla_dw_matmul"):
+        ValueError, "unknown conv 'fft'; expected one of: xla, taps, xla_dw_matmul, xla_dw_taps"):
       models.make("cnn", conv="fft").init(jax.random.key(0))
 
 
