@@ -75,17 +75,33 @@ def mesh_size(num_agents: int) -> int:
   return max(m for m in range(1, min(n, num_agents) + 1) if num_agents % m == 0)
 
 
-def best_conv(conv: str = "auto", precision: str = "float32") -> str:
-  """The convolution formulation (``models.CONVS``) ``auto`` stands for on this platform.
+def vmapped_agents(backend: str, num_agents: int, chunk_size: int | None = None) -> int:
+  """How many agents one device computes side by side (vmapped) under ``backend``: the group
+  count a vmapped convolution gets (1: a plain convolution)."""
+  backend = resolve(backend, num_agents)
+  if backend == "shard":
+    return num_agents // mesh_size(num_agents)
+  if backend == "chunked":
+    return chunk_size or 1
+  return 1 if backend == "map" else num_agents
 
-  Measured on an H200 (ResNet-20, 64 agents vmapped, docs/performance.md): in float32 one matmul
-  per kernel tap ran 1.43x faster than XLA's grouped convolution; in bfloat16 the grouped
-  convolution was 1.47x faster than the taps. Elsewhere (CPU, TPU) nothing measured beats
-  ``'xla'``.
+
+def best_conv(conv: str = "auto", precision: str = "float32", agents: int = 64) -> str:
+  """The convolution formulation (``models.CONVS``) ``auto`` stands for on this platform, with
+  ``agents`` agents vmapped on each device (:func:`vmapped_agents`).
+
+  Measured (docs/performance.md), float32: on an H200 (ResNet-20, 64 agents vmapped) one matmul
+  per kernel tap ran 1.43x faster than XLA's grouped convolution; on a 2-core CPU, with 4 to 64
+  agents per device, 1.2-2.6x faster (small CNN and ResNet-20), while with one agent per device,
+  where nothing is grouped, XLA's convolution ran 2.3x faster than the taps, and with two
+  agents per device neither won clearly. In bfloat16 the grouped convolution was 1.47x faster than the taps on the H200. On a
+  TPU nothing is measured: ``'xla'``.
   """
   if conv != "auto":
     return conv
-  return "taps" if jax.default_backend() == "gpu" and precision == "float32" else "xla"
+  grouped = agents >= 4
+  return "taps" if grouped and precision == "float32" and jax.default_backend() in (
+      "gpu", "cpu") else "xla"
 
 
 def agents_mesh(num_agents: int | None = None) -> Mesh:

@@ -132,7 +132,8 @@ def make_model(c: ml_collections.ConfigDict, data: data_lib.Data) -> models.Mode
   if c.precision != "float32":
     options.setdefault("dtype", jnp.dtype(c.precision))
   if c.model in models.CONV_MODELS:
-    options.setdefault("conv", backends.best_conv(c.conv, c.precision))
+    agents = backends.vmapped_agents(c.backend, c.num_agents, c.chunk_size or None)
+    options.setdefault("conv", backends.best_conv(c.conv, c.precision, agents))
   return models.make(c.model, data.classes, input_shape=data.train_images.shape[1:], **options)
 
 

@@ -539,17 +539,17 @@ def _table(machine: dict, rows: list, comparisons: list) -> str:
       f"### drt_jax training throughput on {machine['host']} ({machine['platform']}, "
       f"{machine['local_device_count']}× {machine['device_kind']}, {machine['cpu_count']} CPUs, "
       f"jax {machine['jax']}, {machine['date']}), {FLAGS.precision} compute, "
-      f"conv {backends.best_conv(FLAGS.conv, FLAGS.precision)}"
-      + (f" (single and loop rows: {backends.best_conv(FLAGS.baseline_conv, FLAGS.precision)})"
-         if FLAGS.baseline_conv else ""), "",
-      "| model | K | variant | img/s | × single | step ms | compile s | peak MB | XLA MB |",
-      "|---|---|---|---|---|---|---|---|---|"]
+      f"conv {FLAGS.conv}" + (f" (single and loop rows: {FLAGS.baseline_conv})"
+                              if FLAGS.baseline_conv else ""), "",
+      "| model | K | variant | conv | img/s | × single | step ms | compile s | peak MB | XLA MB |",
+      "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     if r["status"] != "ok":
-      lines.append(f"| {r['model']} | {r['K']} | {r['variant']} | {r['status']} | | | | | |")
+      lines.append(f"| {r['model']} | {r['K']} | {r['variant']} | {r.get('conv') or '–'} | "
+                   f"{r['status']} | | | | | |")
       continue
     lines.append(
-        f"| {r['model']} | {r['K']} | {r['variant']} | {r['img_s']:,.0f} | "
+        f"| {r['model']} | {r['K']} | {r['variant']} | {r.get('conv') or '–'} | {r['img_s']:,.0f} | "
         f"{_fmt(r['ratio_vs_single'], '.2f')} | {r['step_ms']:.1f} | {r['compile_s']:.1f} | "
         f"{_fmt(r['peak_mb'], '.0f')} | {_fmt(r['xla_mb'], '.0f')} |")
   groups = {}
@@ -629,6 +629,15 @@ def measure(case: Case, run_kw: dict, sink: _Sink, pruned: dict) -> tuple[list, 
   ``pruned`` maps back-ends too slow at a smaller K to the reason; slow ones are added to it.
   """
   rows, single_img_s, n_dev = [], None, backends.mesh_size(case.k_count)
+  chunk = min(FLAGS.chunk_size, case.k_count)
+
+  def conv_of(backend):  # the formulation a row's convolutions use ('auto' resolved)
+    if case.model_name not in models.CONV_MODELS:
+      return None
+    if backend is None:  # single and loop rows: one agent
+      return backends.best_conv(FLAGS.baseline_conv or FLAGS.conv, FLAGS.precision, 1)
+    agents = backends.vmapped_agents(backend, case.k_count, chunk)
+    return backends.best_conv(FLAGS.conv, FLAGS.precision, agents)
 
   def record(variant, fn, *, backend=None, algorithm=None):
     nonlocal single_img_s
@@ -644,6 +653,7 @@ def measure(case: Case, run_kw: dict, sink: _Sink, pruned: dict) -> tuple[list, 
         single_img_s, row["ratio_vs_single"] = row["img_s"], 1.0
       logging.info("  %.0f img/s (x%.2f), step %.1f ms, compile %.1f s", row["img_s"],
                    row["ratio_vs_single"] or 0.0, row["step_ms"], row["compile_s"])
+    row["conv"] = conv_of(backend)
     rows.append(row)
     sink.write(row)
     return row
@@ -652,7 +662,6 @@ def measure(case: Case, run_kw: dict, sink: _Sink, pruned: dict) -> tuple[list, 
     record("single", lambda: single_case(case, run_kw))
   if "loop" in FLAGS.baselines:
     record("loop", lambda: loop_case(case, run_kw))
-  chunk = min(FLAGS.chunk_size, case.k_count)
   timed = []
   for backend in FLAGS.backends:
     if backend in pruned:
@@ -728,9 +737,9 @@ def main(argv):
     shape = _SHAPES[model_name]
     d = data_lib.synthetic(num_train=max(1024, 4 * max(s["ks"]) * s["batch"]), num_test=16,
                            shape=shape, seed=0)
-    # The model the library's rows build (train.make_model), for the single and loop rows too.
+    # The single and loop rows' model: one agent, built as the library builds it.
     model = train.make_model(config_lib.resolve(
-        {"model": model_name, "precision": FLAGS.precision,
+        {"model": model_name, "precision": FLAGS.precision, "num_agents": 1, "backend": "vmap",
          "conv": FLAGS.baseline_conv or FLAGS.conv}), d)
     pruned = {}
     for k_count in sorted(s["ks"]):

@@ -18,6 +18,8 @@ TINY = {
     "num_agents": 4, "model": "mlp", "model_options": {"hidden": (16,)}, "batch_size": 8,
     "num_steps": 6, "eval_every": 3, "eval_examples": 64, "train_eval_examples": 64,
     "eval_batch_size": 32, "backend": "vmap", "optimizer": "momentum", "learning_rate": 0.05,
+    # XLA's convolution compiles fastest on CPU; the formulations are compared in models_test.
+    "conv": "xla",
 }
 EXPECTED_METRICS = (
     "step", "train_loss", "test_acc_mean", "test_acc_min", "test_acc_max", "centroid_test_acc",
@@ -198,9 +200,11 @@ class TrainAndEvaluateTest(parameterized.TestCase):
     d = tiny_data(shape=(12, 12, 1))
     c = config.resolve({**TINY, "model": "cnn", "model_options": {"features": (4,), "hidden": 8},
                         "conv": "taps"})
-    self.assertEqual(backends.best_conv("auto", "float32"),
-                     "taps" if jax.default_backend() == "gpu" else "xla")
-    self.assertEqual(backends.best_conv("auto", "bfloat16"), "xla")
+    measured = jax.default_backend() in ("gpu", "cpu")
+    self.assertEqual(backends.best_conv("auto", "float32", 64), "taps" if measured else "xla")
+    self.assertEqual(backends.best_conv("auto", "float32", 1), "xla")  # nothing is grouped
+    self.assertEqual(backends.best_conv("auto", "bfloat16", 64), "xla")
+    self.assertEqual(backends.best_conv("xla", "float32", 64), "xla")
     taps, xla = (train.make_model(config.resolve({**c.to_dict(), "conv": v}), d)
                  for v in ("taps", "xla"))
     v = taps.init(jax.random.key(0))
@@ -210,6 +214,27 @@ class TrainAndEvaluateTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "unknown conv 'fft'"):
       train.make_model(config.resolve({**c.to_dict(), "model_options": {"conv": "fft"}}),
                        d).init(jax.random.key(0))
+
+  def test_auto_conv_follows_the_agents_each_device_vmaps(self):
+    d = tiny_data(shape=(12, 12, 1))
+    x = jax.random.normal(jax.random.key(1), (2, 12, 12, 1))
+
+    def convolutions(overrides):
+      c = config.resolve({**TINY, "model": "cnn", "conv": "auto", **overrides,
+                          "model_options": {"features": (4,), "hidden": 8}})
+      model = train.make_model(c, d)
+      v = model.init(jax.random.key(0))
+      return jax.jit(lambda x: model.apply(v, x, False)).lower(x).as_text().count("convolution")
+
+    n = jax.device_count()
+    cases = [({"num_agents": 8, "backend": "vmap"}, 8), ({"num_agents": 8, "backend": "map"}, 1),
+             ({"num_agents": 8, "backend": "chunked", "chunk_size": 2}, 2),
+             ({"num_agents": 4 * n, "backend": "auto"}, 4 if n > 1 else 4 * n)]
+    for overrides, agents in cases:
+      self.assertEqual(backends.vmapped_agents(overrides["backend"], overrides["num_agents"],
+                                               overrides.get("chunk_size")), agents, overrides)
+      grouped = agents >= 4 and jax.default_backend() in ("gpu", "cpu")
+      self.assertEqual(convolutions(overrides) == 0, grouped, overrides)  # taps: no conv op
 
   def test_same_config_and_seeds_give_the_same_history(self):
     c = {**TINY, "algorithm": "drt", "num_steps": 4, "eval_every": 2,
