@@ -88,7 +88,8 @@ def _explicit(padding, lhs, rhs, strides) -> tuple:
 
 def _tap_views(x, kh: int, kw: int, strides, padding) -> list:
   """The ``kh·kw`` shifted, strided views of NHWC ``x`` (explicit ``padding``) that kernel taps
-  ``(u, v)`` meet, tap-major (the order of ``W.reshape(kh * kw, C, D)``), each ``[B, Ho, Wo, C]``."""
+  ``(u, v)`` meet, tap-major (the order of ``W.reshape(kh * kw, C, D)``), each
+  ``[B, Ho, Wo, C]``."""
   x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
   (sh, sw), (b, hp, wp, c) = strides, x.shape
   ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1

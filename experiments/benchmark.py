@@ -391,15 +391,16 @@ def library_case(case: Case, backend: str, chunk_size: int, algorithm: str, run_
                   summary)
 
 
-def algorithm_case(case: Case, backend: str, algorithm: str, reps: int) -> float:
+def algorithm_case(case: Case, backend: str, chunk_size: int, algorithm: str, reps: int) -> float:
   """Median ms of the algorithm's own step alone: the local optimizer update from given
   gradients and the combination (DRT: its weights too), without the model's forward and
   backward pass. Whole train steps compiled apart can differ by more than DRT's cost (the
   convolutions' algorithms are tuned per program); this isolates what the algorithm adds."""
   c = config_lib.resolve({
       "num_agents": case.k_count, "batch_size": case.batch, "backend": backend,
-      "model": case.model_name, "algorithm": algorithm, "topology": FLAGS.topology,
-      "learning_rate": FLAGS.learning_rate, "precision": FLAGS.precision, "conv": FLAGS.conv})
+      "model": case.model_name, "chunk_size": chunk_size if backend == "chunked" else 0,
+      "algorithm": algorithm, "topology": FLAGS.topology, "learning_rate": FLAGS.learning_rate,
+      "precision": FLAGS.precision, "conv": FLAGS.conv})
   model, alg = train.make_model(c, case.data), train.make_algorithm(c)
   topo = jax.device_put(train.make_topology(c))
   state = train.init_state(c, model, alg, topo)
@@ -549,7 +550,8 @@ def _table(machine: dict, rows: list, comparisons: list) -> str:
                    f"{r['status']} | | | | | |")
       continue
     lines.append(
-        f"| {r['model']} | {r['K']} | {r['variant']} | {r.get('conv') or '–'} | {r['img_s']:,.0f} | "
+        f"| {r['model']} | {r['K']} | {r['variant']} | {r.get('conv') or '–'} | "
+        f"{r['img_s']:,.0f} | "
         f"{_fmt(r['ratio_vs_single'], '.2f')} | {r['step_ms']:.1f} | {r['compile_s']:.1f} | "
         f"{_fmt(r['peak_mb'], '.0f')} | {_fmt(r['xla_mb'], '.0f')} |")
   groups = {}
@@ -704,7 +706,7 @@ def measure(case: Case, run_kw: dict, sink: _Sink, pruned: dict) -> tuple[list, 
   try:
     reps = max(5, FLAGS.steps)
     for key, name in (("algorithm_alone_ms", FLAGS.algorithm), ("compare_alone_ms", FLAGS.compare)):
-      comparison[key] = algorithm_case(case, best["backend"], name, reps)
+      comparison[key] = algorithm_case(case, best["backend"], chunk, name, reps)
     logging.info("  algorithm steps alone: %s %.2f ms, %s %.2f ms", FLAGS.algorithm,
                  comparison["algorithm_alone_ms"], FLAGS.compare, comparison["compare_alone_ms"])
   except Exception:  # the whole-step comparison stands without it
