@@ -93,7 +93,7 @@ def best_conv(conv: str = "auto", precision: str = "float32", agents: int = 64) 
   Measured (docs/performance.md), float32: on an H200 (ResNet-20, 64 agents vmapped) one matmul
   per kernel tap ran 1.43x faster than XLA's grouped convolution; on a 2-core CPU, with 4 to 64
   agents per device, 1.2-2.6x faster (small CNN and ResNet-20), while with one agent per device,
-  where nothing is grouped, XLA's convolution ran 2.3x faster than the taps, and with two
+  where nothing is grouped, XLA's convolution ran 2.6x faster than the taps, and with two
   agents per device neither won clearly. In bfloat16 the grouped convolution was 1.47x faster
   than the taps on the H200. On a TPU nothing is measured: ``'xla'``.
   """

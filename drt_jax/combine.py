@@ -174,7 +174,8 @@ def combine_layers(stacked_tree: PyTree, mixing, layer_w: Mapping[str, jax.Array
     mixing = Mixing(mixing, None)
   leaves, treedef = jax.tree.flatten(stacked_tree)
   nbrs = [None] * len(leaves) if nbrs is None else nbrs
-  out = [_combine_leaf(x, mixing, layer_w[n], y) for x, n, y in zip(leaves, names, nbrs)]
+  out = [_combine_leaf(x, mixing, layer_w[n], y)
+         for x, n, y in zip(leaves, names, nbrs, strict=True)]
   return jax.tree.unflatten(treedef, out)
 
 

@@ -81,7 +81,7 @@ def _edge_sq_dists(stacked_tree, names, mixing, nbrs=None) -> dict:
   leaves = jax.tree.leaves(stacked_tree)
   nbrs = combine_lib.neighbours(stacked_tree, mixing) if nbrs is None else nbrs
   out = {}
-  for name, leaf, copies in zip(names, leaves, nbrs):
+  for name, leaf, copies in zip(names, leaves, nbrs, strict=True):
     dtype = jnp.promote_types(leaf.dtype, jnp.float32)
     flat = lambda v, dtype=dtype: v.astype(dtype).reshape(v.shape[0], -1)  # noqa: E731
     x = flat(leaf)

@@ -771,6 +771,11 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
   used = backends.mesh_size(c.num_agents) if resolved == "shard" else 1
   logging.info("devices: %s; backend %s -> %s on %d of them", jax.devices(), c.backend, resolved,
                used)
+  if c.model in models.CONV_MODELS:  # 'auto' depends on the platform and the agents per device
+    agents = backends.vmapped_agents(c.backend, c.num_agents, c.chunk_size or None)
+    logging.info("convolutions: conv %s -> %s (%d agents vmapped per device, %s)", c.conv,
+                 c.model_options.get("conv") or backends.best_conv(c.conv, c.precision, agents),
+                 agents, c.precision)
   mine = backends.local_agents(dev.idx)
   span = f"{mine[0]}-{mine[-1]}" if mine == list(range(mine[0], mine[-1] + 1)) else str(mine)
   logging.info("process %d of %d holds agents %s (their examples and index lists) on %d devices",

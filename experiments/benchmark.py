@@ -12,6 +12,9 @@ For every model and K it times, on the same machine and in the same process:
 * ``vmap``, ``chunked(C)``, ``map``, ``shard(N)``: the library's real compiled train step
   (``drt_jax.train.build_programs``) with ``--algorithm`` (ATC by default), per back-end of
   :mod:`drt_jax.backends`; ``shard(N)`` on the N devices that split K evenly, when N >= 2.
+  With ``--conv auto`` each row uses the formulation the library would pick for it (the
+  ``conv`` column): the single and loop rows are one agent (XLA's convolution), the back-ends
+  may use taps (:func:`drt_jax.backends.best_conv`).
 * ``<compare>:<best>``: the ``--compare`` algorithm (DRT by default) on the fastest back-end of
   that model/K; the summary gives its step time over the ``--algorithm`` one (drt/atc).
 
@@ -324,7 +327,8 @@ def data_memory(name: str, k_count: int) -> dict:
   return {"dataset": d.name, "K": k_count, "train_examples": len(d.train_labels),
           "backend": backend, "device_bytes": sum(parts.values()), "bytes_by_field": parts,
           "max_device_bytes": max(per_device.values()), "split_bytes": split_bytes,
-          "k_copies_bytes": k_count * split_bytes, "devices": jax.local_device_count()}
+          "k_copies_bytes": k_count * split_bytes,
+          "devices": backends.mesh_size(k_count) if backend == "shard" else 1}
 
 
 def _data_memory_line(m: dict) -> str:
@@ -758,7 +762,7 @@ def main(argv):
   if combine_rows:
     table += "\nThe combine alone (ring):\n\n" + _combine_table(combine_rows) + "\n"
   moved = []
-  if s["bytes_k"] and jax.local_device_count() > 1:
+  if s["bytes_k"] and backends.mesh_size(s["bytes_k"]) > 1:
     for name in ("ring", "torus", "full"):
       moved.append(combine_bytes(s["bytes_k"], s["combine_params"], name))
       sink.write({"combine_bytes": moved[-1]})
