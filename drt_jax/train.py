@@ -132,9 +132,16 @@ def make_model(c: ml_collections.ConfigDict, data: data_lib.Data) -> models.Mode
   if c.precision != "float32":
     options.setdefault("dtype", jnp.dtype(c.precision))
   if c.model in models.CONV_MODELS:
-    agents = backends.vmapped_agents(c.backend, c.num_agents, c.chunk_size or None)
-    options.setdefault("conv", backends.best_conv(c.conv, c.precision, agents))
+    options["conv"] = conv_formulation(c)
   return models.make(c.model, data.classes, input_shape=data.train_images.shape[1:], **options)
+
+
+def conv_formulation(c: ml_collections.ConfigDict) -> str:
+  """The convolution formulation ``c``'s model computes with: ``model_options.conv`` if set,
+  else ``c.conv`` with ``'auto'`` resolved for the platform, the precision and the agents each
+  device vmaps (:func:`drt_jax.backends.best_conv`)."""
+  agents = backends.vmapped_agents(c.backend, c.num_agents, c.chunk_size or None)
+  return c.model_options.get("conv") or backends.best_conv(c.conv, c.precision, agents)
 
 
 # Steps dispatched ahead of the one the host waits for. Enough to keep an accelerator busy; and
@@ -772,10 +779,7 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
   logging.info("devices: %s; backend %s -> %s on %d of them", jax.devices(), c.backend, resolved,
                used)
   if c.model in models.CONV_MODELS:  # 'auto' depends on the platform and the agents per device
-    agents = backends.vmapped_agents(c.backend, c.num_agents, c.chunk_size or None)
-    logging.info("convolutions: conv %s -> %s (%d agents vmapped per device, %s)", c.conv,
-                 c.model_options.get("conv") or backends.best_conv(c.conv, c.precision, agents),
-                 agents, c.precision)
+    logging.info("convolutions: conv %s -> %s", c.conv, conv_formulation(c))
   mine = backends.local_agents(dev.idx)
   span = f"{mine[0]}-{mine[-1]}" if mine == list(range(mine[0], mine[-1] + 1)) else str(mine)
   logging.info("process %d of %d holds agents %s (their examples and index lists) on %d devices",

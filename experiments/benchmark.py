@@ -235,6 +235,17 @@ def _compile(jitted, *args):
 # The cases.
 
 
+def _median_ms(call, reps: int) -> float:
+  """Median wall ms of ``reps`` calls of ``call()`` (each waited for), after one untimed."""
+  jax.block_until_ready(call())
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
+
+
 def combine_case(k_count: int, params: int, topology_name: str, reps: int) -> dict:
   """The combine alone: sparse neighbour-list path vs the dense ``[K, K]`` matmul, one leaf of
   ``params`` floats per agent (median of ``reps`` timed calls after one untimed)."""
@@ -249,13 +260,7 @@ def combine_case(k_count: int, params: int, topology_name: str, reps: int) -> di
   out = {"K": k_count, "params_per_agent": params, "topology": topology_name,
          "edges": topo.num_edges()}
   for name, fn in paths.items():
-    jax.block_until_ready(fn(x, args[name]))
-    times = []
-    for _ in range(reps):
-      start = time.perf_counter()
-      jax.block_until_ready(fn(x, args[name]))
-      times.append(time.perf_counter() - start)
-    out[f"{name}_ms"] = 1e3 * statistics.median(times)
+    out[f"{name}_ms"] = _median_ms(lambda fn=fn, arg=args[name]: fn(x, arg), reps)
   out["dense_over_sparse"] = out["dense_ms"] / out["sparse_ms"]
   return out
 
@@ -352,15 +357,20 @@ class Case(NamedTuple):
   batch: int
 
 
-def library_case(case: Case, backend: str, chunk_size: int, algorithm: str, run_kw: dict,
-                 scan_steps: int = 1):
-  """The library's train step; with ``scan_steps`` > 1, that many steps per call under
-  ``lax.scan`` (one dispatch), timed per step."""
-  c = config_lib.resolve({
+def _library_config(case: Case, backend: str, chunk_size: int, algorithm: str):
+  """The config the library's rows run: this case, back-end and algorithm, the flags' rest."""
+  return config_lib.resolve({
       "num_agents": case.k_count, "batch_size": case.batch, "backend": backend,
       "model": case.model_name, "chunk_size": chunk_size if backend == "chunked" else 0,
       "algorithm": algorithm, "topology": FLAGS.topology, "learning_rate": FLAGS.learning_rate,
       "precision": FLAGS.precision, "conv": FLAGS.conv})
+
+
+def library_case(case: Case, backend: str, chunk_size: int, algorithm: str, run_kw: dict,
+                 scan_steps: int = 1):
+  """The library's train step; with ``scan_steps`` > 1, that many steps per call under
+  ``lax.scan`` (one dispatch), timed per step."""
+  c = _library_config(case, backend, chunk_size, algorithm)
   model, alg = train.make_model(c, case.data), train.make_algorithm(c)
   topo = jax.device_put(train.make_topology(c))
   dev = _device_data(case.data, case.k_count, backend)
@@ -400,23 +410,13 @@ def algorithm_case(case: Case, backend: str, chunk_size: int, algorithm: str, re
   gradients and the combination (DRT: its weights too), without the model's forward and
   backward pass. Whole train steps compiled apart can differ by more than DRT's cost (the
   convolutions' algorithms are tuned per program); this isolates what the algorithm adds."""
-  c = config_lib.resolve({
-      "num_agents": case.k_count, "batch_size": case.batch, "backend": backend,
-      "model": case.model_name, "chunk_size": chunk_size if backend == "chunked" else 0,
-      "algorithm": algorithm, "topology": FLAGS.topology, "learning_rate": FLAGS.learning_rate,
-      "precision": FLAGS.precision, "conv": FLAGS.conv})
+  c = _library_config(case, backend, chunk_size, algorithm)
   model, alg = train.make_model(c, case.data), train.make_algorithm(c)
   topo = jax.device_put(train.make_topology(c))
   state = train.init_state(c, model, alg, topo)
   grads = jax.tree.map(lambda x: jnp.full_like(x, 1e-3), state.params)
   fn = jax.jit(alg.step)
-  jax.block_until_ready(fn(state.params, grads, state.alg_state, topo))
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(state.params, grads, state.alg_state, topo))
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
+  return _median_ms(lambda: fn(state.params, grads, state.alg_state, topo), reps)
 
 
 class _SingleState(NamedTuple):
@@ -642,8 +642,7 @@ def measure(case: Case, run_kw: dict, sink: _Sink, pruned: dict) -> tuple[list, 
       return None
     if backend is None:  # single and loop rows: one agent
       return backends.best_conv(FLAGS.baseline_conv or FLAGS.conv, FLAGS.precision, 1)
-    agents = backends.vmapped_agents(backend, case.k_count, chunk)
-    return backends.best_conv(FLAGS.conv, FLAGS.precision, agents)
+    return train.conv_formulation(_library_config(case, backend, chunk, FLAGS.algorithm))
 
   def record(variant, fn, *, backend=None, algorithm=None):
     nonlocal single_img_s
