@@ -53,8 +53,9 @@ def default_config() -> ml_collections.ConfigDict:
   # How convolutions are computed, same parameters either way: 'xla', 'taps' (one matrix
   # product per kernel tap; see models.shifted_matmul_conv), 'xla_dw_matmul' (XLA's convolution,
   # the kernel gradient as one matrix product; models.matmul_grad_conv), 'xla_dw_taps' (the same,
-  # the kernel gradient as one product per tap) or 'auto' (the measured-best for the platform
-  # and the agents each device vmaps: backends.best_conv).
+  # the kernel gradient as one product per tap), 'xla_dw_pallas' (the same, the kernel gradient
+  # as one Pallas kernel; drt_jax.conv_grad) or 'auto' (the measured-best for the platform and
+  # the agents each device vmaps: backends.best_conv).
   c.conv = "auto"
   c.same_init = True  # all agents start from one initialisation
   # Local optimizer (state local to each agent).

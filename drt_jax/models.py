@@ -24,7 +24,9 @@ becomes a grouped convolution), ``'taps'`` (:func:`shifted_matmul_conv`; vmapped
 products) or ``'xla_dw_matmul'`` (:func:`matmul_grad_conv`: XLA's convolution forward and for
 the input gradient, the kernel gradient as one matrix product of image patches; strided and 1x1
 convolutions as matrix products throughout); ``'xla_dw_taps'`` is the same with the kernel
-gradient as one matrix product per kernel tap (no patch matrix).
+gradient as one matrix product per kernel tap (no patch matrix), and ``'xla_dw_pallas'`` with
+the kernel gradient as one Pallas kernel (:mod:`drt_jax.conv_grad`; compiled on a GPU,
+interpreted elsewhere).
 """
 
 import functools
@@ -36,9 +38,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from drt_jax import conv_grad
+
 Dtype = Any
 # Formulations of a convolution (see the module docstring).
-CONVS = ("xla", "taps", "xla_dw_matmul", "xla_dw_taps")
+CONVS = ("xla", "taps", "xla_dw_matmul", "xla_dw_taps", "xla_dw_pallas")
+# How matmul_grad_conv computes a stride-1 kernel gradient.
+KERNEL_GRADS = ("patches", "taps", "pallas")
 
 
 def shifted_matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -101,28 +107,32 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _conv_dw_matmul(x, w, strides, padding, precision, per_tap):
-  del per_tap  # how the kernel gradient is computed
+def _conv_dw_matmul(x, w, strides, padding, precision, kernel_grad):
+  del kernel_grad  # how the kernel gradient is computed
   return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC,
                                       precision=precision)
 
 
-def _conv_dw_matmul_fwd(x, w, strides, padding, precision, per_tap):
-  return _conv_dw_matmul(x, w, strides, padding, precision, per_tap), (x, w)
+def _conv_dw_matmul_fwd(x, w, strides, padding, precision, kernel_grad):
+  return _conv_dw_matmul(x, w, strides, padding, precision, kernel_grad), (x, w)
 
 
-def _conv_dw_matmul_bwd(strides, padding, precision, per_tap, residuals, g):
+def _conv_dw_matmul_bwd(strides, padding, precision, kernel_grad, residuals, g):
   x, w = residuals
   _, x_vjp = jax.vjp(lambda x: jax.lax.conv_general_dilated(
       x, w, strides, padding, dimension_numbers=_NHWC, precision=precision), x)
   kh, kw, c, d = w.shape
-  views, g = _tap_views(x, kh, kw, strides, padding), g.astype(x.dtype)
-  if per_tap:  # dW[u, v] = view_uv^T @ dy: kh·kw products, no patch matrix
-    dw = jnp.stack([jnp.einsum("bhwc,bhwd->cd", view, g, precision=precision,
-                               preferred_element_type=jnp.float32) for view in views])
-  else:  # one product of the patch matrix (im2col)
+  g = g.astype(x.dtype)
+  if kernel_grad == "pallas" and conv_grad.supported(c, d):  # one kernel, every tap on chip
+    dw = conv_grad.kernel_grad(x, g, (kh, kw), padding, precision)
+  elif kernel_grad == "patches":  # one product of the patch matrix (im2col)
+    views = _tap_views(x, kh, kw, strides, padding)
     dw = jnp.einsum("bhwk,bhwd->kd", jnp.concatenate(views, axis=-1), g, precision=precision,
                     preferred_element_type=jnp.float32)
+  else:  # dW[u, v] = view_uv^T @ dy: kh·kw products, no patch matrix
+    dw = jnp.stack([jnp.einsum("bhwc,bhwd->cd", view, g, precision=precision,
+                               preferred_element_type=jnp.float32)
+                    for view in _tap_views(x, kh, kw, strides, padding)])
   return x_vjp(g)[0], dw.reshape(kh, kw, c, d).astype(w.dtype)
 
 
@@ -131,7 +141,7 @@ _conv_dw_matmul.defvjp(_conv_dw_matmul_fwd, _conv_dw_matmul_bwd)
 
 def matmul_grad_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                      dimension_numbers=None, feature_group_count=1, precision=None,
-                     preferred_element_type=None, *, per_tap: bool = False):
+                     preferred_element_type=None, *, kernel_grad: str = "patches"):
   """A 2-D convolution whose gradients avoid per-agent cuDNN loops, a drop-in for ``nn.Conv``.
 
   Stride-1 convolutions keep ``lax.conv_general_dilated`` for the forward pass and the input
@@ -145,10 +155,16 @@ def matmul_grad_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
   dilated, grouped or non-2-D convolutions, which the models here do not use, go to it
   unchanged.
 
-  With ``per_tap`` the kernel gradient is ``kh·kw`` products ``view_uv^T @ dy``, one per tap
+  ``kernel_grad`` (one of :data:`KERNEL_GRADS`) chooses the kernel gradient's form:
+  ``'patches'`` as above; ``'taps'``, ``kh·kw`` products ``view_uv^T @ dy``, one per tap
   (vmapped: ``[K, C, B·Ho·Wo] × [K, B·Ho·Wo, D]``), which reads each shifted view where it lies
-  instead of writing the ``kh·kw`` times larger patch matrix first.
+  instead of writing the ``kh·kw`` times larger patch matrix first; ``'pallas'``, one kernel that
+  reads ``x`` and ``dy`` once and keeps every tap's sum on chip (:func:`conv_grad.kernel_grad`),
+  for channel counts it takes (powers of two from 16), ``'taps'`` for the others.
   """
+  if kernel_grad not in KERNEL_GRADS:
+    raise ValueError(f"unknown kernel_grad {kernel_grad!r}; expected one of: "
+                     f"{', '.join(KERNEL_GRADS)}")
   if (not _plain_2d(lhs, lhs_dilation, rhs_dilation, feature_group_count)
       or preferred_element_type is not None):
     return jax.lax.conv_general_dilated(
@@ -157,7 +173,7 @@ def matmul_grad_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
   if rhs.shape[:2] == (1, 1) or any(st != 1 for st in window_strides):
     return shifted_matmul_conv(lhs, rhs, window_strides, padding, precision=precision)
   return _conv_dw_matmul(lhs, rhs, tuple(window_strides),
-                         _explicit(padding, lhs, rhs, window_strides), precision, per_tap)
+                         _explicit(padding, lhs, rhs, window_strides), precision, kernel_grad)
 
 
 def _conv_cls(conv: str):
@@ -166,7 +182,8 @@ def _conv_cls(conv: str):
   if conv == "xla":
     return nn.Conv
   fn = {"taps": shifted_matmul_conv, "xla_dw_matmul": matmul_grad_conv,
-        "xla_dw_taps": functools.partial(matmul_grad_conv, per_tap=True)}[conv]
+        "xla_dw_taps": functools.partial(matmul_grad_conv, kernel_grad="taps"),
+        "xla_dw_pallas": functools.partial(matmul_grad_conv, kernel_grad="pallas")}[conv]
   return functools.partial(nn.Conv, conv_general_dilated=fn)
 
 

@@ -9,15 +9,22 @@ against the ceiling, one convolution over all K·B images with one kernel (``sin
 * ``padded<P>``: the same, with input and output channels zero-padded to P (a multiple that tensor
   cores like); the result is sliced back, so it is the same function.
 * ``taps``: nine shifted batched matmuls, ``einsum('kbhwc,kcd->kbhwd')`` per kernel tap.
+* ``dw_patches``, ``dw_taps``, ``dw_pallas``: the library's ``models.matmul_grad_conv``, vmapped:
+  XLA's convolution forward and for the input gradient, the kernel gradient as one matmul of
+  image patches, one matmul per tap, or one Pallas kernel (:mod:`drt_jax.conv_grad`).
 
 Each cell is the median time of one value-and-gradient call (gradients with respect to images and
 kernels) over ``--reps`` calls after one warm-up, at the ResNet-20 stages (16 channels at 32×32,
-32 at 16×16, 64 at 8×8). JSON lines go to ``--out`` and a markdown table to stdout.
+32 at 16×16, 64 at 8×8), and the largest difference of its gradients from ``grouped``'s,
+relative to their largest magnitude (``grad_err``: a check of the formulation on the machine at
+hand, Pallas's compiled kernel included). JSON lines go to ``--out`` and a markdown table to
+stdout.
 
   python experiments/agent_conv.py --k 64 --batch 32 --out /tmp/agent_conv.jsonl    # one GPU
   python experiments/agent_conv.py --smoke                                           # seconds
 """
 
+import functools
 import json
 import statistics
 import time
@@ -26,11 +33,14 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from drt_jax import models
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("k", 64, "Agents K.")
 flags.DEFINE_integer("batch", 32, "Images per agent.")
 flags.DEFINE_list("stages", ["16x32", "32x16", "64x8"], "Stages as <channels>x<height=width>.")
-flags.DEFINE_list("formulations", ["single", "grouped", "padded32", "padded64", "taps"],
+flags.DEFINE_list("formulations", ["single", "grouped", "padded32", "padded64", "taps",
+                                   "dw_patches", "dw_taps", "dw_pallas"],
                   "What to time (paddings narrower than a stage's channels are skipped).")
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes.")
 flags.DEFINE_integer("reps", 20, "Timed calls per cell (median reported).")
@@ -73,6 +83,13 @@ def taps(x, w):
   return out
 
 
+def dw(kernel_grad: str):
+  """``grouped`` with the library's kernel-gradient formulation ``kernel_grad``."""
+  conv = functools.partial(models.matmul_grad_conv, window_strides=(1, 1), padding="SAME",
+                           dimension_numbers=_DIMS, kernel_grad=kernel_grad)
+  return jax.vmap(conv)
+
+
 def single(x, w):
   """The ceiling: ONE kernel (agent 0's) over all K·B images."""
   k, b = x.shape[:2]
@@ -82,11 +99,13 @@ def single(x, w):
 def formulation(name: str):
   if name.startswith("padded"):
     return padded(int(name[len("padded"):]))
+  if name.startswith("dw_") and name[len("dw_"):] in models.KERNEL_GRADS:
+    return dw(name[len("dw_"):])
   try:
     return {"single": single, "grouped": grouped, "taps": taps}[name]
   except KeyError:
     raise app.UsageError(f"--formulations: unknown {name!r}; expected single, grouped, "
-                         "taps or padded<P>") from None
+                         "taps, padded<P> or dw_<patches|taps|pallas>") from None
 
 
 def value_and_grads(fn):
@@ -94,15 +113,21 @@ def value_and_grads(fn):
   return jax.jit(jax.value_and_grad(lambda x, w, g: jnp.vdot(fn(x, w), g).real, argnums=(0, 1)))
 
 
-def time_cell(fn, x, w, g, reps: int) -> float:
+def time_cell(fn, x, w, g, reps: int, want=None) -> tuple[float, float | None, tuple]:
+  """Median seconds per call, the gradients' relative error against ``want`` (None without),
+  and the gradients."""
   f = value_and_grads(fn)
-  jax.block_until_ready(f(x, w, g))
+  _, grads = jax.block_until_ready(f(x, w, g))
+  err = None
+  if want is not None:
+    err = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+                    / jnp.max(jnp.abs(b.astype(jnp.float32)))) for a, b in zip(grads, want))
   times = []
   for _ in range(reps):
     start = time.perf_counter()
     jax.block_until_ready(f(x, w, g))
     times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return statistics.median(times), err, grads
 
 
 def main(argv):
@@ -122,32 +147,36 @@ def main(argv):
       x = jax.random.normal(keys[0], (k, b, h, h, c), dtype)
       w = (jax.random.normal(keys[1], (k, 3, 3, c, c)) / (3 * c ** 0.5)).astype(dtype)
       g = jax.random.normal(keys[2], (k, b, h, h, c), dtype)
-      base = None
+      base = want = None
       for name in FLAGS.formulations:
         if name.startswith("padded") and int(name[len("padded"):]) <= c:
           continue
         try:
-          ms = 1e3 * time_cell(formulation(name), x, w, g, reps)
+          seconds, err, grads = time_cell(formulation(name), x, w, g, reps,
+                                          None if name == "single" else want)
         except Exception as e:  # e.g. out of memory: record it, go on
           row = {"dtype": dtype, "stage": stage, "formulation": name,
                  "status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"}
         else:
+          ms = 1e3 * seconds
           base = ms if name == "single" else base
+          want = grads if name == "grouped" else want
           row = {"dtype": dtype, "stage": stage, "formulation": name, "status": "ok", "ms": ms,
                  "over_single": ms / base if base else None,
-                 "images_per_s": k * b / (ms / 1e3)}
+                 "images_per_s": k * b / (ms / 1e3), "grad_err": err}
         row.update(K=k, batch=b, device=dev.device_kind)
         rows.append(row)
         print(json.dumps(row), flush=True)
         if FLAGS.out:
           with open(FLAGS.out, "a") as f:
             f.write(json.dumps(row) + "\n")
-  print("\n| dtype | stage (C×H) | formulation | ms (fwd+bwd) | × single's time |")
-  print("|---|---|---|---|---|")
+  print("\n| dtype | stage (C×H) | formulation | ms (fwd+bwd) | × single's time | grad err |")
+  print("|---|---|---|---|---|---|")
   for r in rows:
     ms = f"{r['ms']:.3f}" if r["status"] == "ok" else r["status"]
     ratio = f"{r['over_single']:.2f}" if r.get("over_single") else "–"
-    print(f"| {r['dtype']} | {r['stage']} | {r['formulation']} | {ms} | {ratio} |")
+    err = f"{r['grad_err']:.1e}" if r.get("grad_err") is not None else "–"
+    print(f"| {r['dtype']} | {r['stage']} | {r['formulation']} | {ms} | {ratio} | {err} |")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,8 @@ flags.DEFINE_integer("combine_params", 50_000, "Floats per agent in the combine 
 flags.DEFINE_integer("combine_reps", 5, "Timed calls per combine case (median reported).")
 flags.DEFINE_integer("bytes_k", 64, "K of the bytes-moved lines (ring, torus, full; agents "
                      "sharded over the local devices; 0 skips).")
-_CONVS = ["auto", "xla", "taps", "xla_dw_matmul", "xla_dw_taps"]  # drt_jax.models.CONVS and 'auto'
+# drt_jax.models.CONVS and 'auto', listed here: the flags are defined before JAX is imported
+_CONVS = ["auto", "xla", "taps", "xla_dw_matmul", "xla_dw_taps", "xla_dw_pallas"]
 flags.DEFINE_string("profile_dir", "", "With --profile_steps, keep each profiled case's trace "
                     "and HLO text in a numbered folder here (else they are deleted).")
 flags.DEFINE_enum("conv", "auto", _CONVS, "Convolution formulation of the conv models "

@@ -43,17 +43,28 @@ if ! timeout 90 "$PY" experiments/benchmark.py --smoke --backends vmap,map --out
   tail -25 "$OUT/smoke.log"; echo "preflight failed"; exit 1
 fi
 # 1. ResNet-20, K = 64, 32 img/agent against the single model (the targets), fp32 and bf16 (with
-#    DRT against ATC), with the kernel gradients and the strided layers as batched matmuls
-#    (`xla_dw_matmul`): the H200 profile of the grouped convs found cuDNN running those as one
-#    launch per agent (docs/performance.md). The single model keeps XLA's convs. 3 more steps of each
-#    row run under the profiler (recompiled without command buffers, so that every kernel is
-#    named by its op); the fp32 traces are kept.
-bench r20_k64_fp32_dwmm 100 --models resnet20 --ks 64 --backends vmap --baselines single \
-  --compare= --steps 8 --warmup 2 --case_budget_s 4 --conv xla_dw_matmul --baseline_conv xla \
-  --profile_steps 3 --profile_dir "$OUT/traces_fp32"
-bench r20_k64_bf16_dwmm 110 --models resnet20 --ks 64 --backends vmap --baselines single \
-  --precision bfloat16 --steps 8 --warmup 2 --case_budget_s 4 --conv xla_dw_matmul \
+#    DRT against ATC). The H200 profile of the grouped convs found cuDNN running the kernel
+#    gradients (and the strided layers) as one launch per agent (docs/performance.md); these
+#    cases compute them otherwise. The single model keeps XLA's convs. First the kernel gradients
+#    as one Pallas kernel each (`xla_dw_pallas`, drt_jax/conv_grad.py), then as one matmul of
+#    image patches (`xla_dw_matmul`). 3 more steps of the profiled rows run under the profiler
+#    (recompiled without command buffers, so that every kernel is named by its op).
+bench r20_k64_fp32_pallas 75 --models resnet20 --ks 64 --backends vmap --baselines single \
+  --compare= --steps 8 --warmup 2 --case_budget_s 4 --conv xla_dw_pallas --baseline_conv xla \
+  --profile_steps 3 --profile_dir "$OUT/traces_fp32_pallas"
+bench r20_k64_bf16_pallas 80 --models resnet20 --ks 64 --backends vmap --baselines single \
+  --precision bfloat16 --steps 8 --warmup 2 --case_budget_s 4 --conv xla_dw_pallas \
   --baseline_conv xla --compare drt --profile_steps 3
+# 1a. The kernel gradients alone, per ResNet-20 stage: is the compiled Pallas kernel right on
+#     this GPU (grad err against the grouped conv's gradients), and how fast per layer?
+t=$(left 50) && timeout "$t" "$PY" experiments/agent_conv.py --k 64 --batch 32 --reps 10 \
+  --formulations single,grouped,dw_taps,dw_pallas --out "$OUT/agent_conv_dw.jsonl" 2>&1 \
+  | grep -E "^\|"
+bench r20_k64_fp32_dwmm 80 --models resnet20 --ks 64 --backends vmap --baselines single \
+  --compare= --steps 8 --warmup 2 --case_budget_s 4 --conv xla_dw_matmul --baseline_conv xla
+bench r20_k64_bf16_dwmm 80 --models resnet20 --ks 64 --backends vmap --baselines single \
+  --precision bfloat16 --steps 8 --warmup 2 --case_budget_s 4 --conv xla_dw_matmul \
+  --baseline_conv xla --compare= --profile_steps 3
 # 1b. The same with one matmul per kernel tap for the kernel gradient (no patch matrix).
 bench r20_k64_bf16_dwtaps 60 --models resnet20 --ks 64 --backends vmap --baselines= \
   --precision bfloat16 --steps 8 --warmup 2 --case_budget_s 4 --conv xla_dw_taps --compare=
@@ -71,9 +82,9 @@ if [[ $# -ge 1 && -f "$1" ]] && t=$(left 45); then
   echo "=== anchor: $1"
   timeout "$t" "$PY" "$1" 64 32 5 torch_loop 2>&1 | tail -3 | tee "$OUT/anchor.txt"
 fi
-# 3. Scaling in K with the kernel gradients as matmuls, bf16, K = 256.
-bench r20_k256_bf16_dwmm 70 --models resnet20 --ks 256 --backends vmap --baselines= --compare= \
-  --precision bfloat16 --steps 4 --warmup 1 --case_budget_s 4 --conv xla_dw_matmul
+# 3. Scaling in K with the kernel gradients as one Pallas kernel, bf16, K = 256.
+bench r20_k256_bf16_pallas 70 --models resnet20 --ks 256 --backends vmap --baselines= \
+  --compare= --precision bfloat16 --steps 4 --warmup 1 --case_budget_s 4 --conv xla_dw_pallas
 # 4. The small CNN from 16 to 1,024 agents, and the combine alone up to K = 1,024.
 bench cnn_k16_1024 80 --models cnn --ks 16,64,256,1024 --backends vmap --baselines single \
   --steps 10 --warmup 2 --case_budget_s 3 --conv xla
@@ -82,6 +93,7 @@ t=$(left 40) && timeout "$t" "$PY" experiments/benchmark.py --models mlp --ks 4 
   --out "$OUT/combine.json" 2>&1 | grep -A8 "combine alone"
 # 5. The per-agent convolution alone: grouped (vmap) vs channel padding vs one matmul per tap.
 t=$(left 60) && timeout "$t" "$PY" experiments/agent_conv.py --k 64 --batch 32 \
+  --formulations single,grouped,padded32,padded64,taps,dw_patches \
   --out "$OUT/agent_conv.jsonl" 2>&1 | grep -E "^\|"
 # 6. The loop of K jitted single-agent steps (JAX), fp32 (measured before: it compiles for a
 #    minute, so it comes last).

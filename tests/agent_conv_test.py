@@ -18,7 +18,7 @@ import agent_conv  # noqa: E402
 
 class AgentConvTest(parameterized.TestCase):
 
-  @parameterized.parameters("grouped", "padded32", "taps")
+  @parameterized.parameters("grouped", "padded32", "taps", "dw_patches", "dw_taps", "dw_pallas")
   def test_matches_a_loop_over_agents(self, name):
     k1, k2 = jax.random.split(jax.random.key(0))
     x = jax.random.normal(k1, (3, 2, 6, 6, 5))
@@ -58,10 +58,14 @@ class AgentConvSmokeTest(absltest.TestCase):
       with open(out) as f:
         rows = [json.loads(line) for line in f]
     self.assertEqual([r["formulation"] for r in rows],
-                     ["single", "grouped", "padded32", "padded64", "taps"])
+                     ["single", "grouped", "padded32", "padded64", "taps", "dw_patches",
+                      "dw_taps", "dw_pallas"])
     for r in rows:
       self.assertEqual(r["status"], "ok", r)
       self.assertGreater(r["ms"], 0)
+      # Gradients checked against the grouped convolution's (16 channels: the Pallas kernel).
+      if r["formulation"] not in ("single", "grouped"):
+        self.assertLess(r["grad_err"], 1e-5, r)
     self.assertEqual(rows[0]["over_single"], 1.0)
     self.assertIn("| float32 | 16x8 | taps |", proc.stdout)
 

@@ -111,8 +111,8 @@ class ModelsTest(chex.TestCase):
 
 
 class ConvFormulationTest(parameterized.TestCase):
-  """conv='taps', 'xla_dw_matmul' and 'xla_dw_taps' are the same function of the same parameters
-  as 'xla'."""
+  """conv='taps', 'xla_dw_matmul', 'xla_dw_taps' and 'xla_dw_pallas' are the same function of the
+  same parameters as 'xla'."""
 
   @parameterized.parameters(
       ((9, 9, 3), (3, 3), (1, 1), "SAME"), ((8, 8, 4), (3, 3), (2, 2), "SAME"),
@@ -131,13 +131,15 @@ class ConvFormulationTest(parameterized.TestCase):
   @parameterized.product(
       case=(((9, 9, 3), (3, 3), (1, 1), "SAME"), ((8, 8, 4), (3, 3), (2, 2), "SAME"),
             ((7, 6, 2), (1, 1), (2, 2), "SAME"), ((8, 8, 2), (3, 3), (1, 2), "VALID"),
-            ((8, 8, 2), (3, 3), (1, 1), ((2, 0), (1, 1)))),
-      per_tap=(False, True))
-  def test_matmul_grad_conv_matches_lax_vmapped(self, case, per_tap):
+            ((8, 8, 2), (3, 3), (1, 1), ((2, 0), (1, 1))),
+            # channels the Pallas kernel takes (the others fall back to per-tap products)
+            ((6, 6, 16), (3, 3), (1, 1), "SAME"), ((6, 5, 16), (3, 3), (1, 1), "VALID")),
+      kernel_grad=models.KERNEL_GRADS)
+  def test_matmul_grad_conv_matches_lax_vmapped(self, case, kernel_grad):
     shape, kernel, strides, padding = case
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(k1, (3, 2, *shape))  # 3 agents
-    w = jax.random.normal(k2, (3, *kernel, shape[-1], 5))
+    w = jax.random.normal(k2, (3, *kernel, shape[-1], 16 if shape[-1] == 16 else 5))
 
     def value_and_grads(conv):
       def fn(x, w):
@@ -146,11 +148,17 @@ class ConvFormulationTest(parameterized.TestCase):
       return jax.jit(jax.vmap(jax.value_and_grad(fn, argnums=(0, 1))))(x, w)
 
     want = value_and_grads(jax.lax.conv_general_dilated)
-    got = value_and_grads(functools.partial(models.matmul_grad_conv, per_tap=per_tap))
+    got = value_and_grads(functools.partial(models.matmul_grad_conv, kernel_grad=kernel_grad))
     chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-4)
 
-  @parameterized.parameters(False, True)
-  def test_matmul_grad_conv_kernel_gradient_is_a_dot(self, per_tap):
+  def test_unknown_kernel_grad(self):
+    with self.assertRaisesWithLiteralMatch(
+        ValueError, "unknown kernel_grad 'fft'; expected one of: patches, taps, pallas"):
+      models.matmul_grad_conv(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2)), (1, 1), "SAME",
+                              kernel_grad="fft")
+
+  @parameterized.parameters("patches", "taps")
+  def test_matmul_grad_conv_kernel_gradient_is_a_dot(self, kernel_grad):
     """The point of it: vmapped, the kernel gradient is a dot, not a grouped convolution."""
     x, w = jnp.ones((4, 2, 8, 8, 3)), jnp.ones((4, 3, 3, 3, 5))
 
@@ -162,12 +170,12 @@ class ConvFormulationTest(parameterized.TestCase):
 
     # Forward and kernel gradient are both grouped convolutions over the 4 agents ...
     self.assertEqual(compiled_grad_w(jax.lax.conv_general_dilated).count(" convolution("), 2)
-    text = compiled_grad_w(functools.partial(models.matmul_grad_conv, per_tap=per_tap))
+    text = compiled_grad_w(functools.partial(models.matmul_grad_conv, kernel_grad=kernel_grad))
     self.assertEqual(text.count(" convolution("), 1)  # ... here only the forward one is,
     # and the kernel gradient is batched matrix products: one of patches, or one per tap
     # (XLA may merge some of those).
     dots = text.count(" dot(")
-    self.assertTrue(dots > 1 if per_tap else dots == 1, dots)
+    self.assertTrue(dots > 1 if kernel_grad == "taps" else dots == 1, dots)
 
   # Small versions: the strided convolutions and 1x1 shortcuts are there, the compile time not.
   @parameterized.parameters(
@@ -177,6 +185,13 @@ class ConvFormulationTest(parameterized.TestCase):
     for conv in ("taps", "xla_dw_matmul", "xla_dw_taps"):
       with self.subTest(conv):
         self._check_same_as_xla(name, kw, conv)
+
+  @parameterized.parameters(
+      ("resnet20", {"stage_sizes": (1,), "widths": (16,), "input_shape": (6, 6, 3)}),
+      ("cnn", {"features": (16, 16), "hidden": 16, "input_shape": (8, 8, 1)}))
+  def test_pallas_kernel_gradients_vmapped(self, name, kw):
+    """Channels from 16 up, so the stride-1 kernel gradients run the (interpreted) kernel."""
+    self._check_same_as_xla(name, kw, "xla_dw_pallas")
 
   def _check_same_as_xla(self, name, kw, conv):
     xla, taps = models.make(name, **kw), models.make(name, conv=conv, **kw)
@@ -204,7 +219,8 @@ class ConvFormulationTest(parameterized.TestCase):
 
   def test_unknown_conv(self):
     with self.assertRaisesWithLiteralMatch(
-        ValueError, "unknown conv 'fft'; expected one of: xla, taps, xla_dw_matmul, xla_dw_taps"):
+        ValueError, "unknown conv 'fft'; expected one of: xla, taps, xla_dw_matmul, xla_dw_taps, "
+        "xla_dw_pallas"):
       models.make("cnn", conv="fft").init(jax.random.key(0))
 
 

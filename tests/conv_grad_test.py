@@ -1,0 +1,135 @@
+"""Tests for drt_jax.conv_grad: the Pallas kernel gradient equals XLA's, and lowers to Triton.
+
+On a CPU Pallas interprets the kernel: the same grid, blocks and products, so the values test
+the indexing. The CUDA lowering (Pallas to Triton IR, no GPU needed) tests that Triton takes the
+kernel's shapes and operations; compiling that IR needs a GPU (experiments/gpu_bench.sh).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest, parameterized
+from jax import export
+
+from drt_jax import conv_grad, models
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _want(x, dy, kernel_size, padding):
+  """The kernel gradient as XLA computes it: the VJP of the convolution."""
+  w = jnp.zeros((*kernel_size, x.shape[-1], dy.shape[-1]), jnp.float32)
+  _, vjp = jax.vjp(lambda w: jax.lax.conv_general_dilated(
+      x.astype(jnp.float32), w, (1, 1), padding, dimension_numbers=_NHWC,
+      precision="highest"), w)
+  return vjp(dy.astype(jnp.float32))[0]
+
+
+def _inputs(shape, d, kernel_size, padding, dtype=jnp.float32, agents=None):
+  b, h, w, _ = shape
+  ho = h + sum(padding[0]) - kernel_size[0] + 1
+  wo = w + sum(padding[1]) - kernel_size[1] + 1
+  lead = () if agents is None else (agents,)
+  k1, k2 = jax.random.split(jax.random.key(0))
+  return (jax.random.normal(k1, (*lead, *shape)).astype(dtype),
+          jax.random.normal(k2, (*lead, b, ho, wo, d)).astype(dtype))
+
+
+class KernelGradTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("same_3x3", (2, 8, 8, 16), 32, (3, 3), ((1, 1), (1, 1)), {}),
+      ("valid_odd_sizes", (3, 7, 5, 32), 16, (3, 3), ((0, 0), (0, 0)), {}),
+      ("uneven_kernel_and_padding", (2, 6, 6, 16), 16, (3, 2), ((2, 0), (0, 1)), {}),
+      # several programs share the rows and several the output channels: partial sums added
+      ("split_rows_and_channels", (2, 8, 8, 16), 64, (3, 3), ((1, 1), (1, 1)),
+       {"rows_per_program": 64, "d_block": 16}),
+  )
+  def test_matches_xla(self, shape, d, kernel_size, padding, kw):
+    x, dy = _inputs(shape, d, kernel_size, padding)
+    got = jax.jit(functools.partial(conv_grad.kernel_grad, kernel_size=kernel_size,
+                                    padding=padding, precision="highest", **kw))(x, dy)
+    self.assertEqual(got.dtype, jnp.float32)
+    np.testing.assert_allclose(got, _want(x, dy, kernel_size, padding), rtol=1e-5, atol=1e-4)
+
+  def test_vmapped_over_agents_each_agent_its_own(self):
+    padding = ((1, 1), (1, 1))
+    x, dy = _inputs((2, 6, 6, 16), 16, (3, 3), padding, agents=3)
+    got = jax.jit(jax.vmap(lambda x, dy: conv_grad.kernel_grad(
+        x, dy, (3, 3), padding, "highest", rows_per_program=64)))(x, dy)
+    for k in range(3):
+      np.testing.assert_allclose(got[k], _want(x[k], dy[k], (3, 3), padding),
+                                 rtol=1e-5, atol=1e-4)
+
+  def test_bfloat16_inputs_accumulate_in_float32(self):
+    padding = ((1, 1), (1, 1))
+    x, dy = _inputs((4, 8, 8, 16), 16, (3, 3), padding, jnp.bfloat16)
+    got = jax.jit(lambda x, dy: conv_grad.kernel_grad(x, dy, (3, 3), padding))(x, dy)
+    self.assertEqual(got.dtype, jnp.float32)
+    # Exact products of bf16 values summed in float32: only the summation order differs.
+    np.testing.assert_allclose(got, _want(x, dy, (3, 3), padding), rtol=1e-4, atol=1e-3)
+
+  def test_bad_input_is_one_clear_error(self):
+    padding = ((1, 1), (1, 1))
+    x, dy = _inputs((2, 6, 6, 16), 16, (3, 3), padding)
+    with self.assertRaisesRegex(ValueError, r"channels 3 -> 16 not supported; both must be "
+                                r"powers of two from 16"):
+      conv_grad.kernel_grad(jnp.zeros((2, 6, 6, 3)), dy, (3, 3), padding)
+    with self.assertRaisesRegex(ValueError, r"dy has shape \(2, 6, 6, 16\), expected "
+                                r"\(2, 4, 4, 16\)"):
+      conv_grad.kernel_grad(x, dy, (3, 3), ((0, 0), (0, 0)))
+    with self.assertRaisesRegex(ValueError, "d_block 32 must be a power of two from 16 "
+                                "dividing 16"):
+      conv_grad.kernel_grad(x, dy, (3, 3), padding, d_block=32)
+
+  def test_supported(self):
+    self.assertTrue(conv_grad.supported(16, 64))
+    self.assertFalse(conv_grad.supported(3, 16))  # ResNet-20's first convolution
+    self.assertFalse(conv_grad.supported(16, 48))
+    self.assertFalse(conv_grad.supported(8, 8))
+
+
+def _cuda_module(fn, *args) -> str:
+  """``fn`` lowered for CUDA on this machine: Pallas emits Triton IR, nothing is compiled."""
+  triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+  return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(
+      *args).mlir_module()
+
+
+class CudaLoweringTest(parameterized.TestCase):
+
+  @parameterized.product(channels=((16, 16), (32, 32), (64, 64), (16, 32)),
+                         dtype=("float32", "bfloat16"))
+  def test_lowers_to_one_triton_kernel_for_all_agents(self, channels, dtype):
+    """ResNet-20's stride-1 layers, 64 agents: one Triton call, the agents on its grid."""
+    c, d = channels
+    h = {16: 32, 32: 16, 64: 8}[c]
+    x = jax.ShapeDtypeStruct((64, 32, h, h, c), jnp.dtype(dtype))
+    dy = jax.ShapeDtypeStruct((64, 32, h, h, d), jnp.dtype(dtype))
+    text = _cuda_module(jax.vmap(lambda x, dy: conv_grad.kernel_grad(
+        x, dy, (3, 3), ((1, 1), (1, 1)), interpret=False)), x, dy)
+    self.assertEqual(text.count("__gpu$xla.gpu.triton"), 1)
+    self.assertIn("grid_z = 64", text)  # the agent axis
+
+  def test_the_model_step_has_no_grouped_kernel_gradient(self):
+    """A small ResNet-20's vmapped gradient lowers for CUDA with conv='xla_dw_pallas': every
+    stride-1 kernel gradient with power-of-two channels is a Triton kernel."""
+    model = models.make("resnet20", conv="xla_dw_pallas", stage_sizes=(1, 1, 1),
+                        input_shape=(8, 8, 3))
+    variables = jax.eval_shape(jax.vmap(model.init), jax.random.split(jax.random.key(0), 4))
+    x = jax.ShapeDtypeStruct((4, 2, 8, 8, 3), jnp.float32)
+
+    def loss(params, rest, x):
+      return jnp.sum(model.apply({**rest, "params": params}, x, True)[0] ** 2)
+
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    text = _cuda_module(jax.vmap(jax.grad(loss)), variables["params"], rest, x)
+    # Stride-1 3x3 layers: the stem (3 input channels: per-tap products instead), two in the
+    # first block and one in each later block (whose first is strided): 4 Triton kernels.
+    self.assertEqual(text.count("__gpu$xla.gpu.triton"), 4)
+
+
+if __name__ == "__main__":
+  absltest.main()
