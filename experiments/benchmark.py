@@ -249,20 +249,26 @@ def _median_ms(call, reps: int) -> float:
 
 def combine_case(k_count: int, params: int, topology_name: str, reps: int) -> dict:
   """The combine alone: sparse neighbour-list path vs the dense ``[K, K]`` matmul, one leaf of
-  ``params`` floats per agent (median of ``reps`` timed calls after one untimed)."""
+  ``params`` floats per agent (median of ``reps`` timed calls after one untimed), on one device
+  and, where the ``shard`` back-end would spread K agents over several devices, on that mesh
+  too (``*_mesh_ms``: as a sharded train step combines)."""
   from drt_jax import topology as topology_lib  # noqa: PLC0415
 
   topo = topology_lib.make(topology_name, k_count)
   x = jax.random.normal(jax.random.key(0), (k_count, params), jnp.float32)
   a = jnp.asarray(topo.dense())
-  paths = {"sparse": jax.jit(combine_lib.combine),
-           "dense": jax.jit(combine_lib.combine_dense)}
-  args = {"sparse": topo, "dense": a}
   out = {"K": k_count, "params_per_agent": params, "topology": topology_name,
-         "edges": topo.num_edges()}
-  for name, fn in paths.items():
-    out[f"{name}_ms"] = _median_ms(lambda fn=fn, arg=args[name]: fn(x, arg), reps)
-  out["dense_over_sparse"] = out["dense_ms"] / out["sparse_ms"]
+         "edges": topo.num_edges(), "mesh_devices": backends.mesh_size(k_count)}
+  placements = {"": None}
+  if out["mesh_devices"] > 1:
+    placements["_mesh"] = backends.split("shard", k_count)
+  for suffix, sharding in placements.items():
+    xs = x if sharding is None else jax.device_put(x, sharding)
+    for name, fn, arg in (("sparse", combine_lib.combine, topo),
+                          ("dense", combine_lib.combine_dense, a)):
+      step = jax.jit(fn, out_shardings=sharding)
+      out[f"{name}{suffix}_ms"] = _median_ms(lambda step=step, arg=arg: step(xs, arg), reps)
+    out[f"dense_over_sparse{suffix}"] = out[f"dense{suffix}_ms"] / out[f"sparse{suffix}_ms"]
   return out
 
 
@@ -306,11 +312,17 @@ def combine_bytes(k_count: int, params: int, topology_name: str) -> dict:
 
 
 def _combine_table(rows: list) -> str:
-  lines = ["| topology | K | edges | params/agent | sparse ms | dense ms | dense / sparse |",
-           "|---|---|---|---|---|---|---|"]
+  lines = ["| topology | K | edges | params/agent | sparse ms | dense ms | dense / sparse | "
+           "devices | sparse ms | dense ms | dense / sparse |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
+    mesh = "| 1 | – | – | –"
+    if "sparse_mesh_ms" in r:
+      mesh = (f"| {r['mesh_devices']} | {r['sparse_mesh_ms']:.2f} | {r['dense_mesh_ms']:.2f} | "
+              f"{r['dense_over_sparse_mesh']:.1f}")
     lines.append(f"| {r['topology']} | {r['K']} | {r['edges']} | {r['params_per_agent']:,} | "
-                 f"{r['sparse_ms']:.2f} | {r['dense_ms']:.2f} | {r['dense_over_sparse']:.1f} |")
+                 f"{r['sparse_ms']:.2f} | {r['dense_ms']:.2f} | {r['dense_over_sparse']:.1f} "
+                 f"{mesh} |")
   return "\n".join(lines)
 
 
@@ -760,7 +772,8 @@ def main(argv):
     combine_rows.append(combine_case(k_count, s["combine_params"], "ring", s["combine_reps"]))
     sink.write({"combine": combine_rows[-1]})
   if combine_rows:
-    table += "\nThe combine alone (ring):\n\n" + _combine_table(combine_rows) + "\n"
+    table += ("\nThe combine alone (ring), on one device and on the agents' mesh:\n\n"
+              + _combine_table(combine_rows) + "\n")
   moved = []
   if s["bytes_k"] and backends.mesh_size(s["bytes_k"]) > 1:
     for name in ("ring", "torus", "full"):

@@ -77,12 +77,17 @@ class BenchmarkSmokeTest(absltest.TestCase):
     self.assertLessEqual(memory["max_device_bytes"], memory["split_bytes"] // 2 + 2**20)
     self.assertEqual(memory["k_copies_bytes"], 64 * memory["split_bytes"])
     self.assertIn("data on device, synthetic", result["table"])
-    # The combine alone: both paths timed per K, and the ratio is theirs.
+    # The combine alone: both paths timed per K, and the ratio is theirs; on one device and on
+    # the agents' mesh (its 2 host devices split K = 8 and 16).
     self.assertEqual([r["K"] for r in result["combine"]], [8, 16])
     for r in result["combine"]:
       self.assertGreater(r["sparse_ms"], 0)
       self.assertAlmostEqual(r["dense_over_sparse"], r["dense_ms"] / r["sparse_ms"])
-    self.assertIn("The combine alone (ring)", result["table"])
+      self.assertEqual(r["mesh_devices"], 2)
+      self.assertAlmostEqual(r["dense_over_sparse_mesh"],
+                             r["dense_mesh_ms"] / r["sparse_mesh_ms"])
+    self.assertIn("The combine alone (ring), on one device and on the agents' mesh",
+                  result["table"])
     # Bytes moved by one sharded combine: the ring sends boundary agents only, the full graph all.
     moved = {m["topology"]: m for m in result["combine_bytes"]}
     ring, full = moved["ring"], moved["full"]
