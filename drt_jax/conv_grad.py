@@ -30,7 +30,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-BLOCK_ROWS = 64  # rows of X and DY per product: the contraction length of one MMA step
+MAX_BLOCK_ROWS = 64  # rows of X and DY per product: the contraction length of one step
+TAP_BYTES = 36 * 1024  # one step's kh·kw blocks of X (Triton stages them in shared memory)
 ROWS_PER_PROGRAM = 4096  # rows one program sums over (fewer when an agent has fewer)
 MAX_ACCUMULATOR = 1024  # C × (D block) floats per tap kept in registers
 NUM_WARPS = 4
@@ -45,6 +46,16 @@ def supported(in_channels: int, out_channels: int) -> bool:
 
 def _d_block(c: int, d: int) -> int:
   return min(d, max(16, MAX_ACCUMULATOR // c))
+
+
+def block_rows(taps: int, c: int, itemsize: int) -> int:
+  """Rows per step: a power of two in [16, MAX_BLOCK_ROWS] whose ``taps`` blocks of ``c``
+  channels fit ``TAP_BYTES``, so that ``NUM_STAGES`` steps in flight fit an SM's shared memory
+  (float32, 3x3: 64 rows at 16 channels, 32 at 32, 16 at 64)."""
+  rows = MAX_BLOCK_ROWS
+  while rows > 16 and taps * rows * c * itemsize > TAP_BYTES:
+    rows //= 2
+  return rows
 
 
 def kernel_grad(x, dy, kernel_size, padding, precision=None, *, interpret=None,
@@ -85,10 +96,11 @@ def kernel_grad(x, dy, kernel_size, padding, precision=None, *, interpret=None,
   if not (supported(c, bd) and d % bd == 0):
     raise ValueError(f"kernel_grad: d_block {bd} must be a power of two from 16 dividing {d}")
   programs = pl.cdiv(rows, rows_per_program)
-  per_program = pl.cdiv(pl.cdiv(rows, programs), BLOCK_ROWS) * BLOCK_ROWS
-  steps, n = per_program // BLOCK_ROWS, programs * per_program
   offsets = [u * wp + v for u in range(kh) for v in range(kw)]
-  reach = pl.cdiv(offsets[-1], BLOCK_ROWS) * BLOCK_ROWS  # rows read past the last output row
+  br = block_rows(len(offsets), c, x.dtype.itemsize)
+  per_program = pl.cdiv(pl.cdiv(rows, programs), br) * br
+  steps, n = per_program // br, programs * per_program
+  reach = pl.cdiv(offsets[-1], br) * br  # rows read past the last output row
   xs = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))).reshape(rows, c)
   xs = jnp.pad(xs, ((0, n + reach - rows), (0, 0)))
   gs = jnp.pad(dy, ((0, 0), (0, hp - ho), (0, wp - wo), (0, 0))).reshape(rows, d)
@@ -98,10 +110,10 @@ def kernel_grad(x, dy, kernel_size, padding, precision=None, *, interpret=None,
     start = pl.program_id(0) * per_program
 
     def accumulate(i, accs):
-      row = pl.multiple_of(start + i * BLOCK_ROWS, BLOCK_ROWS)
-      g = g_ref[pl.ds(row, BLOCK_ROWS), :]
+      row = pl.multiple_of(start + i * br, br)
+      g = g_ref[pl.ds(row, br), :]
       return tuple(
-          acc + jax.lax.dot_general(x_ref[pl.ds(row + off, BLOCK_ROWS), :], g,
+          acc + jax.lax.dot_general(x_ref[pl.ds(row + off, br), :], g,
                                     (((0,), (0,)), ((), ())), precision=precision,
                                     preferred_element_type=jnp.float32)
           for acc, off in zip(accs, offsets))

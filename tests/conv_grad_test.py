@@ -43,6 +43,7 @@ class KernelGradTest(parameterized.TestCase):
       ("same_3x3", (2, 8, 8, 16), 32, (3, 3), ((1, 1), (1, 1)), {}),
       ("valid_odd_sizes", (3, 7, 5, 32), 16, (3, 3), ((0, 0), (0, 0)), {}),
       ("uneven_kernel_and_padding", (2, 6, 6, 16), 16, (3, 2), ((2, 0), (0, 1)), {}),
+      ("wide_input_short_blocks", (2, 5, 6, 64), 16, (3, 3), ((1, 1), (1, 1)), {}),
       # several programs share the rows and several the output channels: partial sums added
       ("split_rows_and_channels", (2, 8, 8, 16), 64, (3, 3), ((1, 1), (1, 1)),
        {"rows_per_program": 64, "d_block": 16}),
@@ -83,6 +84,11 @@ class KernelGradTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "d_block 32 must be a power of two from 16 "
                                 "dividing 16"):
       conv_grad.kernel_grad(x, dy, (3, 3), padding, d_block=32)
+
+  def test_block_rows_keep_the_staged_taps_small(self):
+    # float32: 64 rows at 16 channels, 32 at 32, 16 at 64 (9 taps of 36 KiB or less); bf16 twice.
+    self.assertEqual([conv_grad.block_rows(9, c, 4) for c in (16, 32, 64, 128)], [64, 32, 16, 16])
+    self.assertEqual([conv_grad.block_rows(9, c, 2) for c in (16, 32, 64)], [64, 64, 32])
 
   def test_supported(self):
     self.assertTrue(conv_grad.supported(16, 64))
