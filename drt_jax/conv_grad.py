@@ -2,8 +2,8 @@ r"""A stride-1 convolution's kernel gradient as one Pallas kernel (GPU: Triton).
 
 Vmapped over K agents, XLA computes a convolution's kernel gradient as a convolution grouped
 over the agents, which cuDNN ran as one launch per agent on an H200 (docs/performance.md).
-:func:`kernel_grad` is one kernel for all agents instead: each program reads a stretch of one
-agent's input and output gradient once and accumulates every kernel tap's product on chip.
+:func:`kernel_grad` is one kernel for all agents instead: each program walks a stretch of one
+agent's input and output gradient and accumulates every kernel tap's product on chip.
 
 The flat-shift form. Pad ``x`` by the convolution's padding to ``[B, Hp, Wp, C]`` and place
 ``dy`` (``[B, Ho, Wo, D]``, ``Ho = Hp - kh + 1``) in the top-left corner of the same
@@ -14,16 +14,16 @@ The flat-shift form. Pad ``x`` by the convolution's padding to ``[B, Hp, Wp, C]`
 .. math:: \partial W[u, v] = \sum_q X[q + u W_p + v]^\top\, DY[q]
 
 is a sum over contiguous blocks of rows: a program walks blocks of ``DY`` rows, loads the
-``kh·kw`` shifted blocks of ``X`` that meet them and keeps ``kh·kw`` float32 ``[C, D]``
-accumulators. Rows are split among programs (their partial sums are added afterwards) so that
-even one agent fills the GPU; output channels are split into blocks so the accumulators fit in
-registers.
+``kh·kw`` shifted blocks of ``X`` that meet them (overlapping reads, mostly served by the
+cache) and keeps ``kh·kw`` float32 ``[C, d_block]`` accumulators in registers. The grid is
+agents (under ``vmap``) × stretches of rows × blocks of output channels; each block of output
+channels reads ``X`` again. Partial sums of the stretches are added afterwards, so the
+stretches are as many as keep those sums small beside the inputs.
 
-On a GPU the kernel is compiled by Triton; on any other platform Pallas interprets it (the same
-arithmetic, slowly), which is what the tests run on a CPU.
+Where the program is lowered for an NVIDIA GPU the kernel is compiled by Triton; on every other
+platform the same sum runs as ``kh·kw`` XLA matrix products of the shifted rows (Pallas's
+interpreter, ``interpret=True``, runs the kernel itself anywhere, slowly: the tests use it).
 """
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -32,20 +32,29 @@ from jax.experimental.pallas import triton as pltriton
 
 MAX_BLOCK_ROWS = 64  # rows of X and DY per product: the contraction length of one step
 TAP_BYTES = 36 * 1024  # one step's kh·kw blocks of X (Triton stages them in shared memory)
-ROWS_PER_PROGRAM = 4096  # rows one program sums over (fewer when an agent has fewer)
-MAX_ACCUMULATOR = 1024  # C × (D block) floats per tap kept in registers
+MAX_ACCUMULATOR = 1024  # C × d_block floats per tap kept in registers
+ROWS_PER_PROGRAM = 1024  # rows a program sums over, at least (fewer programs: see _programs)
 NUM_WARPS = 4
 NUM_STAGES = 2
 
 
-def supported(in_channels: int, out_channels: int) -> bool:
-  """Whether :func:`kernel_grad` takes these channel counts: powers of two from 16 (Triton's
-  smallest matrix-product side; its blocks are powers of two)."""
-  return all(n >= 16 and n & (n - 1) == 0 for n in (in_channels, out_channels))
+def _power_of_two(n: int) -> bool:
+  return n >= 16 and n & (n - 1) == 0
+
+
+def supported(in_channels: int, out_channels: int, kernel_size=(3, 3), itemsize: int = 4) -> bool:
+  """Whether :func:`kernel_grad` takes a convolution: channels powers of two from 16 (Triton's
+  blocks are powers of two, its smallest matrix product 16 wide), ``C × 16`` accumulators per tap
+  within ``MAX_ACCUMULATOR`` and 16 rows of every tap within ``TAP_BYTES`` (3x3: up to 64 input
+  channels)."""
+  taps = kernel_size[0] * kernel_size[1]
+  return (_power_of_two(in_channels) and _power_of_two(out_channels)
+          and in_channels * 16 <= MAX_ACCUMULATOR
+          and taps * 16 * in_channels * itemsize <= TAP_BYTES)
 
 
 def _d_block(c: int, d: int) -> int:
-  return min(d, max(16, MAX_ACCUMULATOR // c))
+  return min(d, MAX_ACCUMULATOR // c)
 
 
 def block_rows(taps: int, c: int, itemsize: int) -> int:
@@ -58,8 +67,14 @@ def block_rows(taps: int, c: int, itemsize: int) -> int:
   return rows
 
 
+def _programs(rows: int, taps: int, c: int, d: int) -> int:
+  """Stretches of rows per agent: one per ``ROWS_PER_PROGRAM`` rows (many programs for the GPU),
+  but no more than keep their float32 partial sums within a quarter of the inputs' elements."""
+  return max(1, min(pl.cdiv(rows, ROWS_PER_PROGRAM), rows * (c + d) // (4 * taps * c * d)))
+
+
 def kernel_grad(x, dy, kernel_size, padding, precision=None, *, interpret=None,
-                rows_per_program: int = ROWS_PER_PROGRAM, d_block: int | None = None):
+                rows_per_program: int | None = None, d_block: int | None = None):
   """``dW[u, v, c, d] = Σ_{b,i,j} x_pad[b, i + u, j + v, c] · dy[b, i, j, d]``, float32.
 
   Args:
@@ -67,12 +82,14 @@ def kernel_grad(x, dy, kernel_size, padding, precision=None, *, interpret=None,
       the kernel's grid).
     dy: the gradient of its stride-1 output, ``[B, Ho, Wo, D]``, same dtype as ``x``.
     kernel_size: ``(kh, kw)``.
-    padding: explicit ``((top, bottom), (left, right))``.
+    padding: explicit ``((top, bottom), (left, right))``, non-negative.
     precision: passed to the products (``None``: the platform's default; TF32 for float32 on a
       GPU, as XLA's convolutions).
-    interpret: run Pallas's interpreter; default (``None``): compile with Triton where the
-      program is lowered for an NVIDIA GPU, interpret on every other platform.
-    rows_per_program: how many grid rows one program sums over (rounded up to whole blocks).
+    interpret: ``None``: the Triton kernel where the program is lowered for an NVIDIA GPU,
+      XLA's matrix products elsewhere; ``True``: Pallas's interpreter runs the kernel (any
+      platform); ``False``: the compiled kernel (NVIDIA GPUs only).
+    rows_per_program: rows of the grid one program sums over (rounded up to whole steps);
+      default: see ``_programs``.
     d_block: output channels per program (a power of two from 16 dividing ``D``); default: as
       many as keep ``C × d_block`` within ``MAX_ACCUMULATOR``.
 
@@ -88,17 +105,28 @@ def kernel_grad(x, dy, kernel_size, padding, precision=None, *, interpret=None,
   if dy.shape != (b, ho, wo, d):
     raise ValueError(f"kernel_grad: dy has shape {dy.shape}, expected {(b, ho, wo, d)} for a "
                      f"stride-1 {kh}x{kw} convolution of {x.shape} padded by {padding}")
-  if not supported(c, d):
-    raise ValueError(f"kernel_grad: channels {c} -> {d} not supported; both must be powers of "
-                     "two from 16 (use models.matmul_grad_conv's per-tap form for others)")
+  if x.dtype != dy.dtype:
+    raise ValueError(f"kernel_grad: x is {x.dtype} and dy {dy.dtype}; cast them to one dtype")
+  if not supported(c, d, kernel_size, x.dtype.itemsize):
+    raise ValueError(f"kernel_grad: a {kh}x{kw} convolution from {c} to {d} channels "
+                     f"({x.dtype}) is not supported; channels must be powers of two from 16, "
+                     "the input's at most what supported() allows (use "
+                     "models.matmul_grad_conv's per-tap form for others)")
+  bd = _d_block(c, d) if d_block is None else d_block
+  if not (_power_of_two(bd) and d % bd == 0 and c * bd <= MAX_ACCUMULATOR):
+    raise ValueError(f"kernel_grad: d_block {bd} must be a power of two from 16 dividing {d}, "
+                     f"with {c} x d_block <= {MAX_ACCUMULATOR}")
+
   rows = b * hp * wp
-  bd = d_block or _d_block(c, d)
-  if not (supported(c, bd) and d % bd == 0):
-    raise ValueError(f"kernel_grad: d_block {bd} must be a power of two from 16 dividing {d}")
-  programs = pl.cdiv(rows, rows_per_program)
   offsets = [u * wp + v for u in range(kh) for v in range(kw)]
   br = block_rows(len(offsets), c, x.dtype.itemsize)
+  programs = _programs(rows, len(offsets), c, d)
+  if rows_per_program is not None:
+    if rows_per_program < 1:
+      raise ValueError(f"kernel_grad: rows_per_program must be positive, got {rows_per_program}")
+    programs = pl.cdiv(rows, rows_per_program)
   per_program = pl.cdiv(pl.cdiv(rows, programs), br) * br
+  programs = pl.cdiv(rows, per_program)  # none left with padding only
   steps, n = per_program // br, programs * per_program
   reach = pl.cdiv(offsets[-1], br) * br  # rows read past the last output row
   xs = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))).reshape(rows, c)
@@ -122,19 +150,31 @@ def kernel_grad(x, dy, kernel_size, padding, precision=None, *, interpret=None,
     for t, acc in enumerate(jax.lax.fori_loop(0, steps, accumulate, zeros)):
       o_ref[t] = acc
 
-  call = functools.partial(
-      pl.pallas_call,
-      kernel,
-      out_shape=jax.ShapeDtypeStruct((programs, kh * kw, c, d), jnp.float32),
-      grid=(programs, d // bd),
-      in_specs=[pl.BlockSpec(xs.shape, lambda s, j: (0, 0)),
-                pl.BlockSpec((n, bd), lambda s, j: (0, j))],
-      out_specs=pl.BlockSpec((None, kh * kw, c, bd), lambda s, j: (s, 0, 0, j)),
-      compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
-      name="conv_kernel_grad")
+  def pallas(interpret: bool):
+    def run(xs, gs):
+      # Under shard_map the output varies over the same mesh axes as the inputs.
+      out = jax.ShapeDtypeStruct((programs, kh * kw, c, d), jnp.float32,
+                                 manual_axis_type=jax.typeof(xs).mat)
+      return pl.pallas_call(
+          kernel,
+          out_shape=out,
+          grid=(programs, d // bd),
+          in_specs=[pl.BlockSpec(xs.shape, lambda s, j: (0, 0)),
+                    pl.BlockSpec((n, bd), lambda s, j: (0, j))],
+          out_specs=pl.BlockSpec((None, kh * kw, c, bd), lambda s, j: (s, 0, 0, j)),
+          interpret=interpret,
+          compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
+          name="conv_kernel_grad",
+      )(xs, gs).sum(0)
+    return run
+
+  def xla(xs, gs):  # the same sum as kh·kw matrix products of the shifted rows
+    return jnp.stack([jnp.einsum("nc,nd->cd", jax.lax.slice_in_dim(xs, off, off + n), gs,
+                                 precision=precision, preferred_element_type=jnp.float32)
+                      for off in offsets])
+
   if interpret is None:  # decided when lowered, for the platform lowered for
-    partial_sums = jax.lax.platform_dependent(
-        xs, gs, cuda=call(interpret=False), default=call(interpret=True))
+    dw = jax.lax.platform_dependent(xs, gs, cuda=pallas(False), default=xla)
   else:
-    partial_sums = call(interpret=interpret)(xs, gs)
-  return partial_sums.sum(0).reshape(kh, kw, c, d)
+    dw = pallas(interpret)(xs, gs)
+  return dw.reshape(kh, kw, c, d)

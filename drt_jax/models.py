@@ -25,8 +25,8 @@ products) or ``'xla_dw_matmul'`` (:func:`matmul_grad_conv`: XLA's convolution fo
 the input gradient, the kernel gradient as one matrix product of image patches; strided and 1x1
 convolutions as matrix products throughout); ``'xla_dw_taps'`` is the same with the kernel
 gradient as one matrix product per kernel tap (no patch matrix), and ``'xla_dw_pallas'`` with
-the kernel gradient as one Pallas kernel (:mod:`drt_jax.conv_grad`; compiled on a GPU,
-interpreted elsewhere).
+the kernel gradient as one Pallas kernel (:mod:`drt_jax.conv_grad`; Triton on NVIDIA GPUs,
+elsewhere the same sum as XLA matrix products).
 """
 
 import functools
@@ -123,7 +123,8 @@ def _conv_dw_matmul_bwd(strides, padding, precision, kernel_grad, residuals, g):
       x, w, strides, padding, dimension_numbers=_NHWC, precision=precision), x)
   kh, kw, c, d = w.shape
   g = g.astype(x.dtype)
-  if kernel_grad == "pallas" and conv_grad.supported(c, d):  # one kernel, every tap on chip
+  if kernel_grad == "pallas" and conv_grad.supported(c, d, (kh, kw), x.dtype.itemsize):
+    # one kernel for every tap, accumulated on chip
     dw = conv_grad.kernel_grad(x, g, (kh, kw), padding, precision)
   elif kernel_grad == "patches":  # one product of the patch matrix (im2col)
     views = _tap_views(x, kh, kw, strides, padding)
@@ -158,9 +159,10 @@ def matmul_grad_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
   ``kernel_grad`` (one of :data:`KERNEL_GRADS`) chooses the kernel gradient's form:
   ``'patches'`` as above; ``'taps'``, ``kh·kw`` products ``view_uv^T @ dy``, one per tap
   (vmapped: ``[K, C, B·Ho·Wo] × [K, B·Ho·Wo, D]``), which reads each shifted view where it lies
-  instead of writing the ``kh·kw`` times larger patch matrix first; ``'pallas'``, one kernel that
-  reads ``x`` and ``dy`` once and keeps every tap's sum on chip (:func:`conv_grad.kernel_grad`),
-  for channel counts it takes (powers of two from 16), ``'taps'`` for the others.
+  instead of writing the ``kh·kw`` times larger patch matrix first; ``'pallas'``, one kernel for
+  all agents that walks ``x`` and ``dy`` in blocks of rows and keeps every tap's sum on chip
+  (:func:`conv_grad.kernel_grad`), for the convolutions it takes (:func:`conv_grad.supported`),
+  ``'taps'`` for the others.
   """
   if kernel_grad not in KERNEL_GRADS:
     raise ValueError(f"unknown kernel_grad {kernel_grad!r}; expected one of: "

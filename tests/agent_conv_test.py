@@ -63,7 +63,7 @@ class AgentConvSmokeTest(absltest.TestCase):
     for r in rows:
       self.assertEqual(r["status"], "ok", r)
       self.assertGreater(r["ms"], 0)
-      # Gradients checked against the grouped convolution's (16 channels: the Pallas kernel).
+      # Gradients checked against the grouped convolution's (16 channels: conv_grad's path).
       if r["formulation"] not in ("single", "grouped"):
         self.assertLess(r["grad_err"], 1e-5, r)
     self.assertEqual(rows[0]["over_single"], 1.0)

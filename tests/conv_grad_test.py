@@ -1,7 +1,8 @@
 """Tests for drt_jax.conv_grad: the Pallas kernel gradient equals XLA's, and lowers to Triton.
 
-On a CPU Pallas interprets the kernel: the same grid, blocks and products, so the values test
-the indexing. The CUDA lowering (Pallas to Triton IR, no GPU needed) tests that Triton takes the
+On a CPU Pallas's interpreter runs the kernel (``interpret=True``): the same grid, blocks and
+products, so the values test the indexing; the default there is the same sum as XLA matrix
+products. The CUDA lowering (Pallas to Triton IR, no GPU needed) tests that Triton takes the
 kernel's shapes and operations; compiling that IR needs a GPU (experiments/gpu_bench.sh).
 """
 
@@ -12,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 from jax import export
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from drt_jax import conv_grad, models
 
@@ -47,19 +50,24 @@ class KernelGradTest(parameterized.TestCase):
       # several programs share the rows and several the output channels: partial sums added
       ("split_rows_and_channels", (2, 8, 8, 16), 64, (3, 3), ((1, 1), (1, 1)),
        {"rows_per_program": 64, "d_block": 16}),
+      ("rows_per_program_under_one_block", (1, 4, 4, 16), 16, (3, 3), ((1, 1), (1, 1)),
+       {"rows_per_program": 5}),
   )
   def test_matches_xla(self, shape, d, kernel_size, padding, kw):
     x, dy = _inputs(shape, d, kernel_size, padding)
-    got = jax.jit(functools.partial(conv_grad.kernel_grad, kernel_size=kernel_size,
-                                    padding=padding, precision="highest", **kw))(x, dy)
-    self.assertEqual(got.dtype, jnp.float32)
-    np.testing.assert_allclose(got, _want(x, dy, kernel_size, padding), rtol=1e-5, atol=1e-4)
+    for interpret in (True, None):  # the kernel, interpreted; the platform's default (XLA)
+      got = jax.jit(functools.partial(conv_grad.kernel_grad, kernel_size=kernel_size,
+                                      padding=padding, precision="highest",
+                                      interpret=interpret, **kw))(x, dy)
+      self.assertEqual(got.dtype, jnp.float32)
+      np.testing.assert_allclose(got, _want(x, dy, kernel_size, padding), rtol=1e-5,
+                                 atol=1e-4, err_msg=f"interpret={interpret}")
 
   def test_vmapped_over_agents_each_agent_its_own(self):
     padding = ((1, 1), (1, 1))
     x, dy = _inputs((2, 6, 6, 16), 16, (3, 3), padding, agents=3)
     got = jax.jit(jax.vmap(lambda x, dy: conv_grad.kernel_grad(
-        x, dy, (3, 3), padding, "highest", rows_per_program=64)))(x, dy)
+        x, dy, (3, 3), padding, "highest", interpret=True, rows_per_program=64)))(x, dy)
     for k in range(3):
       np.testing.assert_allclose(got[k], _want(x[k], dy[k], (3, 3), padding),
                                  rtol=1e-5, atol=1e-4)
@@ -67,7 +75,8 @@ class KernelGradTest(parameterized.TestCase):
   def test_bfloat16_inputs_accumulate_in_float32(self):
     padding = ((1, 1), (1, 1))
     x, dy = _inputs((4, 8, 8, 16), 16, (3, 3), padding, jnp.bfloat16)
-    got = jax.jit(lambda x, dy: conv_grad.kernel_grad(x, dy, (3, 3), padding))(x, dy)
+    got = jax.jit(lambda x, dy: conv_grad.kernel_grad(x, dy, (3, 3), padding,
+                                                      interpret=True))(x, dy)
     self.assertEqual(got.dtype, jnp.float32)
     # Exact products of bf16 values summed in float32: only the summation order differs.
     np.testing.assert_allclose(got, _want(x, dy, (3, 3), padding), rtol=1e-4, atol=1e-3)
@@ -75,9 +84,13 @@ class KernelGradTest(parameterized.TestCase):
   def test_bad_input_is_one_clear_error(self):
     padding = ((1, 1), (1, 1))
     x, dy = _inputs((2, 6, 6, 16), 16, (3, 3), padding)
-    with self.assertRaisesRegex(ValueError, r"channels 3 -> 16 not supported; both must be "
-                                r"powers of two from 16"):
+    with self.assertRaisesRegex(ValueError, r"a 3x3 convolution from 3 to 16 channels "
+                                r"\(float32\) is not supported; channels must be powers of two"):
       conv_grad.kernel_grad(jnp.zeros((2, 6, 6, 3)), dy, (3, 3), padding)
+    with self.assertRaisesRegex(ValueError, "x is float32 and dy bfloat16; cast them"):
+      conv_grad.kernel_grad(x, dy.astype(jnp.bfloat16), (3, 3), padding)
+    with self.assertRaisesRegex(ValueError, "rows_per_program must be positive, got 0"):
+      conv_grad.kernel_grad(x, dy, (3, 3), padding, rows_per_program=0)
     with self.assertRaisesRegex(ValueError, r"dy has shape \(2, 6, 6, 16\), expected "
                                 r"\(2, 4, 4, 16\)"):
       conv_grad.kernel_grad(x, dy, (3, 3), ((0, 0), (0, 0)))
@@ -95,6 +108,12 @@ class KernelGradTest(parameterized.TestCase):
     self.assertFalse(conv_grad.supported(3, 16))  # ResNet-20's first convolution
     self.assertFalse(conv_grad.supported(16, 48))
     self.assertFalse(conv_grad.supported(8, 8))
+    # Registers and shared memory: 3x3 up to 64 input channels in float32 (and in bfloat16);
+    # a 5x5 at 64 stages too much.
+    self.assertFalse(conv_grad.supported(128, 16))
+    self.assertTrue(conv_grad.supported(64, 64, (3, 3), 4))
+    self.assertTrue(conv_grad.supported(16, 64, (5, 5), 4))
+    self.assertFalse(conv_grad.supported(64, 64, (5, 5), 2))
 
 
 def _cuda_module(fn, *args) -> str:
@@ -118,6 +137,16 @@ class CudaLoweringTest(parameterized.TestCase):
         x, dy, (3, 3), ((1, 1), (1, 1)), interpret=False)), x, dy)
     self.assertEqual(text.count("__gpu$xla.gpu.triton"), 1)
     self.assertIn("grid_z = 64", text)  # the agent axis
+
+  def test_lowers_inside_shard_map(self):
+    """The shard back-end's program: agents split over a mesh, each device vmapping its own."""
+    mesh = jax.make_mesh((4,), ("agents",))
+    f = jax.shard_map(jax.vmap(lambda x, dy: conv_grad.kernel_grad(
+        x, dy, (3, 3), ((1, 1), (1, 1)))), mesh=mesh, in_specs=(P("agents"), P("agents")),
+        out_specs=P("agents"))
+    sharded = NamedSharding(mesh, P("agents"))
+    x = jax.ShapeDtypeStruct((8, 2, 8, 8, 16), jnp.float32, sharding=sharded)
+    self.assertEqual(_cuda_module(f, x, x).count("__gpu$xla.gpu.triton"), 1)
 
   def test_the_model_step_has_no_grouped_kernel_gradient(self):
     """A small ResNet-20's vmapped gradient lowers for CUDA with conv='xla_dw_pallas': every

@@ -190,7 +190,8 @@ class ConvFormulationTest(parameterized.TestCase):
       ("resnet20", {"stage_sizes": (1,), "widths": (16,), "input_shape": (6, 6, 3)}),
       ("cnn", {"features": (16, 16), "hidden": 16, "input_shape": (8, 8, 1)}))
   def test_pallas_kernel_gradients_vmapped(self, name, kw):
-    """Channels from 16 up, so the stride-1 kernel gradients run the (interpreted) kernel."""
+    """Channels from 16 up, so the stride-1 kernel gradients take conv_grad's path (on a CPU its
+    XLA products; the kernel itself: conv_grad_test)."""
     self._check_same_as_xla(name, kw, "xla_dw_pallas")
 
   def _check_same_as_xla(self, name, kw, conv):
