@@ -152,9 +152,11 @@ def kernel_grad(x, dy, kernel_size, padding, precision=None, *, interpret=None,
 
   def pallas(interpret: bool):
     def run(xs, gs):
-      # Under shard_map the output varies over the same mesh axes as the inputs.
+      # Under shard_map the output varies over the same mesh axes as the inputs (the
+      # attribute is absent in JAX versions that name it otherwise; only shard_map needs it).
+      mat = getattr(jax.typeof(xs), "mat", None)
       out = jax.ShapeDtypeStruct((programs, kh * kw, c, d), jnp.float32,
-                                 manual_axis_type=jax.typeof(xs).mat)
+                                 **({} if mat is None else {"manual_axis_type": mat}))
       return pl.pallas_call(
           kernel,
           out_shape=out,
