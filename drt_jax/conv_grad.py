@@ -15,7 +15,7 @@ The flat-shift form. Pad ``x`` by the convolution's padding to ``[B, Hp, Wp, C]`
 
 is a sum over contiguous blocks of rows: a program walks blocks of ``DY`` rows, loads the
 ``kh·kw`` shifted blocks of ``X`` that meet them (overlapping reads, mostly served by the
-cache) and keeps ``kh·kw`` float32 ``[C, d_block]`` accumulators in registers. The grid is
+cache) and keeps ``kh·kw`` float32 ``[C, 16]`` accumulators in registers. The grid is
 agents (under ``vmap``) × stretches of rows × blocks of output channels; each block of output
 channels reads ``X`` again. Partial sums of the stretches are added afterwards, so the
 stretches are as many as keep those sums small beside the inputs.
@@ -30,41 +30,42 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-MAX_BLOCK_ROWS = 64  # rows of X and DY per product: the contraction length of one step
-TAP_BYTES = 36 * 1024  # one step's kh·kw blocks of X (Triton stages them in shared memory)
-MAX_ACCUMULATOR = 1024  # C × d_block floats per tap kept in registers
+D_BLOCK = 16  # output channels per program: C x 16 accumulators per tap stay in registers
+SHARED_BYTES = 96 * 1024  # X blocks staged for all pipeline stages (an SM has 228 KiB)
 ROWS_PER_PROGRAM = 1024  # rows a program sums over, at least (fewer programs: see _programs)
-NUM_WARPS = 4
-NUM_STAGES = 2
+# (rows per step, warps, pipeline stages) by (input channels, bytes per element), chosen for a
+# 3x3 kernel from Triton 3.9's compilation for sm_90a (no GPU needed; docs/performance.md):
+# no register spills, the most warps an SM can hold, and X staged asynchronously where Triton
+# does so. Not yet timed.
+LAUNCH = {(16, 4): (32, 2, 2), (16, 2): (64, 2, 1),
+          (32, 4): (32, 4, 2), (32, 2): (64, 2, 1),
+          (64, 4): (16, 8, 2), (64, 2): (16, 8, 2)}
 
 
 def _power_of_two(n: int) -> bool:
   return n >= 16 and n & (n - 1) == 0
 
 
+def launch(taps: int, c: int, itemsize: int) -> tuple[int, int, int]:
+  """``(rows per step, warps, stages)`` for ``taps`` kernel taps and ``c`` input channels:
+  :data:`LAUNCH`'s, with fewer rows (down to 16) where ``taps`` blocks of X for every stage
+  would pass ``SHARED_BYTES``."""
+  rows, warps, stages = LAUNCH[(c, 4 if itemsize >= 4 else 2)]
+  while rows > 16 and stages * taps * rows * c * itemsize > SHARED_BYTES:
+    rows //= 2
+  return rows, warps, stages
+
+
 def supported(in_channels: int, out_channels: int, kernel_size=(3, 3), itemsize: int = 4) -> bool:
   """Whether :func:`kernel_grad` takes a convolution: channels powers of two from 16 (Triton's
-  blocks are powers of two, its smallest matrix product 16 wide), ``C × 16`` accumulators per tap
-  within ``MAX_ACCUMULATOR`` and 16 rows of every tap within ``TAP_BYTES`` (3x3: up to 64 input
-  channels)."""
+  blocks are powers of two, its smallest matrix product 16 wide), at most 64 in (those
+  :data:`LAUNCH` knows), and 16 rows of every tap, for every stage, within ``SHARED_BYTES``
+  (3x3: all of them; 5x5 float32: up to 32 input channels)."""
+  if not (_power_of_two(in_channels) and _power_of_two(out_channels) and in_channels <= 64):
+    return False
   taps = kernel_size[0] * kernel_size[1]
-  return (_power_of_two(in_channels) and _power_of_two(out_channels)
-          and in_channels * 16 <= MAX_ACCUMULATOR
-          and taps * 16 * in_channels * itemsize <= TAP_BYTES)
-
-
-def _d_block(c: int, d: int) -> int:
-  return min(d, MAX_ACCUMULATOR // c)
-
-
-def block_rows(taps: int, c: int, itemsize: int) -> int:
-  """Rows per step: a power of two in [16, MAX_BLOCK_ROWS] whose ``taps`` blocks of ``c``
-  channels fit ``TAP_BYTES``, so that ``NUM_STAGES`` steps in flight fit an SM's shared memory
-  (float32, 3x3: 64 rows at 16 channels, 32 at 32, 16 at 64)."""
-  rows = MAX_BLOCK_ROWS
-  while rows > 16 and taps * rows * c * itemsize > TAP_BYTES:
-    rows //= 2
-  return rows
+  _, _, stages = LAUNCH[(in_channels, 4 if itemsize >= 4 else 2)]
+  return stages * taps * 16 * in_channels * itemsize <= SHARED_BYTES
 
 
 def _programs(rows: int, taps: int, c: int, d: int) -> int:
@@ -90,8 +91,8 @@ def kernel_grad(x, dy, kernel_size, padding, precision=None, *, interpret=None,
       platform); ``False``: the compiled kernel (NVIDIA GPUs only).
     rows_per_program: rows of the grid one program sums over (rounded up to whole steps);
       default: see ``_programs``.
-    d_block: output channels per program (a power of two from 16 dividing ``D``); default: as
-      many as keep ``C × d_block`` within ``MAX_ACCUMULATOR``.
+    d_block: output channels per program (a power of two from 16 dividing ``D``; default
+      ``D_BLOCK``: larger blocks spilled registers in Triton's compilation).
 
   Returns:
     ``float32[kh, kw, C, D]``.
@@ -112,14 +113,13 @@ def kernel_grad(x, dy, kernel_size, padding, precision=None, *, interpret=None,
                      f"({x.dtype}) is not supported; channels must be powers of two from 16, "
                      "the input's at most what supported() allows (use "
                      "models.matmul_grad_conv's per-tap form for others)")
-  bd = _d_block(c, d) if d_block is None else d_block
-  if not (_power_of_two(bd) and d % bd == 0 and c * bd <= MAX_ACCUMULATOR):
-    raise ValueError(f"kernel_grad: d_block {bd} must be a power of two from 16 dividing {d}, "
-                     f"with {c} x d_block <= {MAX_ACCUMULATOR}")
+  bd = D_BLOCK if d_block is None else d_block
+  if not (_power_of_two(bd) and d % bd == 0):
+    raise ValueError(f"kernel_grad: d_block {bd} must be a power of two from 16 dividing {d}")
 
   rows = b * hp * wp
   offsets = [u * wp + v for u in range(kh) for v in range(kw)]
-  br = block_rows(len(offsets), c, x.dtype.itemsize)
+  br, num_warps, num_stages = launch(len(offsets), c, x.dtype.itemsize)
   programs = _programs(rows, len(offsets), c, d)
   if rows_per_program is not None:
     if rows_per_program < 1:
@@ -165,7 +165,7 @@ def kernel_grad(x, dy, kernel_size, padding, precision=None, *, interpret=None,
                     pl.BlockSpec((n, bd), lambda s, j: (0, j))],
           out_specs=pl.BlockSpec((None, kh * kw, c, bd), lambda s, j: (s, 0, 0, j)),
           interpret=interpret,
-          compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
+          compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
           name="conv_kernel_grad",
       )(xs, gs).sum(0)
     return run

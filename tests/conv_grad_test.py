@@ -98,18 +98,21 @@ class KernelGradTest(parameterized.TestCase):
                                 "dividing 16"):
       conv_grad.kernel_grad(x, dy, (3, 3), padding, d_block=32)
 
-  def test_block_rows_keep_the_staged_taps_small(self):
-    # float32: 64 rows at 16 channels, 32 at 32, 16 at 64 (9 taps of 36 KiB or less); bf16 twice.
-    self.assertEqual([conv_grad.block_rows(9, c, 4) for c in (16, 32, 64, 128)], [64, 32, 16, 16])
-    self.assertEqual([conv_grad.block_rows(9, c, 2) for c in (16, 32, 64)], [64, 64, 32])
+  def test_launch_keeps_the_staged_taps_within_shared_memory(self):
+    for (c, itemsize), config in conv_grad.LAUNCH.items():
+      self.assertEqual(conv_grad.launch(9, c, itemsize), config)  # 3x3: as chosen
+      rows, _, stages = config
+      self.assertLessEqual(stages * 9 * rows * c * itemsize, conv_grad.SHARED_BYTES)
+    # 5x5, 32 float32 channels: 25 taps of 32 rows for 2 stages would be 200 KiB; 16 rows fit.
+    self.assertEqual(conv_grad.launch(25, 32, 4), (16, 4, 2))
 
   def test_supported(self):
     self.assertTrue(conv_grad.supported(16, 64))
     self.assertFalse(conv_grad.supported(3, 16))  # ResNet-20's first convolution
     self.assertFalse(conv_grad.supported(16, 48))
     self.assertFalse(conv_grad.supported(8, 8))
-    # Registers and shared memory: 3x3 up to 64 input channels in float32 (and in bfloat16);
-    # a 5x5 at 64 stages too much.
+    # Shared memory: 3x3 up to 64 input channels in float32 and bfloat16; a 5x5 at 64 stages
+    # too much.
     self.assertFalse(conv_grad.supported(128, 16))
     self.assertTrue(conv_grad.supported(64, 64, (3, 3), 4))
     self.assertTrue(conv_grad.supported(16, 64, (5, 5), 4))
