@@ -26,14 +26,20 @@ import tempfile
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("stages", ["16x32", "32x16", "64x8"], "Stages as <channels>x<height=width>.")
-flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes.")
-flags.DEFINE_integer("k", 64, "Agents (the grid's agent axis; no effect on an SM's resources).")
-flags.DEFINE_integer("batch", 32, "Images per agent.")
-flags.DEFINE_integer("arch", 90, "Compute capability to compile for.")
-flags.DEFINE_bool("sweep", False, "Every rows x warps x stages in {16,32,64} x {1,2,4,8} x "
-                  "{1,2}, not only conv_grad.LAUNCH's choice.")
-flags.DEFINE_string("out", "", "If set, JSON lines are appended here.")
+
+
+def _define_flags():
+  """Flags only when run as a script, so tests can import this next to agent_conv's."""
+  flags.DEFINE_list("stages", ["16x32", "32x16", "64x8"],
+                    "Stages as <channels>x<height=width>.")
+  flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes.")
+  flags.DEFINE_integer("k", 64, "Agents (the grid's agent axis; no effect on an SM's resources).")
+  flags.DEFINE_integer("batch", 32, "Images per agent.")
+  flags.DEFINE_integer("arch", 90, "Compute capability to compile for.")
+  flags.DEFINE_bool("sweep", False, "Every rows x warps x stages in {16,32,64} x {1,2,4,8} x "
+                    "{1,2}, not only conv_grad.LAUNCH's choice.")
+  flags.DEFINE_string("out", "", "If set, JSON lines are appended here.")
+
 
 _SM_REGISTERS, _SM_SHARED, _SM_WARPS, _SM_PROGRAMS = 65536, 228 * 1024, 64, 32  # sm_90
 
@@ -85,21 +91,21 @@ def triton_ir(channels: int, size: int, dtype: str, rows: int | None = None, k: 
   return modules[0]
 
 
-def _ptxas(ptx: str) -> str:
+def _ptxas(ptx: str, arch: int) -> str:
   """A ptxas bundled with triton that reads this PTX's version."""
   import triton  # noqa: PLC0415
 
   found = sorted(glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
                                         "bin", "ptxas*")), reverse=True)  # '-blackwell' first
   for path in found:
-    probe = subprocess.run([path, f"-arch=sm_{FLAGS.arch}a", "-v", ptx, "-o", os.devnull],
+    probe = subprocess.run([path, f"-arch=sm_{arch}a", "-v", ptx, "-o", os.devnull],
                            capture_output=True, text=True, check=False)
     if probe.returncode == 0:
       return probe.stderr
   raise RuntimeError(f"no ptxas in {found} compiles {ptx}")
 
 
-def compile_stats(ir_text: str, warps: int, stages: int) -> dict:
+def compile_stats(ir_text: str, warps: int, stages: int, arch: int = 90) -> dict:
   """Triton-compiles ``ir_text`` for sm_<arch> and reads ptxas's resource report."""
   import triton  # noqa: PLC0415
   from triton.backends.compiler import GPUTarget  # noqa: PLC0415
@@ -108,12 +114,12 @@ def compile_stats(ir_text: str, warps: int, stages: int) -> dict:
     src = os.path.join(tmp, "kernel.ttir")
     with open(src, "w") as f:
       f.write(ir_text)
-    kernel = triton.compile(src, target=GPUTarget("cuda", FLAGS.arch, 32),
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": warps, "num_stages": stages})
     ptx = os.path.join(tmp, "kernel.ptx")
     with open(ptx, "w") as f:
       f.write(kernel.asm["ptx"])
-    report = _ptxas(ptx)
+    report = _ptxas(ptx, arch)
   regs = int(re.search(r"Used (\d+) registers", report).group(1))
   spills = int(re.search(r"(\d+) bytes spill stores", report).group(1))
   shared = kernel.metadata.shared
@@ -149,7 +155,7 @@ def main(argv):
     for rows, warps, stages in configs:
       ir_text = triton_ir(c, size, dtype, rows, FLAGS.k, FLAGS.batch)
       try:
-        row = compile_stats(ir_text, warps, stages)
+        row = compile_stats(ir_text, warps, stages, FLAGS.arch)
       except Exception as e:  # noqa: BLE001 - record it, go on
         row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
       row.update(stage=stage, dtype=dtype, rows=rows, warps=warps, stages=stages,
@@ -168,4 +174,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
