@@ -11,7 +11,9 @@ against the ceiling, one convolution over all K·B images with one kernel (``sin
 * ``taps``: nine shifted batched matmuls, ``einsum('kbhwc,kcd->kbhwd')`` per kernel tap.
 * ``dw_patches``, ``dw_taps``, ``dw_pallas``: the library's ``models.matmul_grad_conv``, vmapped:
   XLA's convolution forward and for the input gradient, the kernel gradient as one matmul of
-  image patches, one matmul per tap, or one Pallas kernel (:mod:`drt_jax.conv_grad`).
+  image patches, one matmul per tap, or one Pallas kernel (:mod:`drt_jax.conv_grad`);
+  ``dw_pallas@<rows>:<warps>:<stages>`` pins the kernel's launch settings (instead of
+  ``conv_grad.LAUNCH``'s), to time the alternatives on a GPU.
 
 Each cell is the median time of one value-and-gradient call (gradients with respect to images and
 kernels) over ``--reps`` calls after one warm-up, at the ResNet-20 stages (16 channels at 32×32,
@@ -24,6 +26,7 @@ stdout.
   python experiments/agent_conv.py --smoke                                           # seconds
 """
 
+import contextlib
 import functools
 import json
 import statistics
@@ -96,7 +99,35 @@ def single(x, w):
   return conv(x.reshape((k * b,) + x.shape[2:]), w[0]).reshape(x.shape[:-1] + (w.shape[-1],))
 
 
+def launch_pin(name: str) -> tuple[int, int, int] | None:
+  """``(rows, warps, stages)`` of ``dw_pallas@<rows>:<warps>:<stages>``; None for any other."""
+  if not name.startswith("dw_pallas@"):
+    return None
+  try:
+    rows, warps, stages = (int(v) for v in name[len("dw_pallas@"):].split(":"))
+  except ValueError:
+    raise app.UsageError(f"--formulations: {name!r} should be "
+                         "dw_pallas@<rows>:<warps>:<stages>, e.g. dw_pallas@32:2:2") from None
+  return rows, warps, stages
+
+
+@contextlib.contextmanager
+def pinned_launch(pin: tuple[int, int, int] | None):
+  """Within the block, kernels traced by conv_grad use ``pin`` (None: as they are)."""
+  from drt_jax import conv_grad  # noqa: PLC0415
+
+  launch = conv_grad.launch
+  if pin is not None:
+    conv_grad.launch = lambda taps, c, itemsize: pin
+  try:
+    yield
+  finally:
+    conv_grad.launch = launch
+
+
 def formulation(name: str):
+  if launch_pin(name) is not None:
+    return dw("pallas")
   if name.startswith("padded"):
     return padded(int(name[len("padded"):]))
   if name.startswith("dw_") and name[len("dw_"):] in models.KERNEL_GRADS:
@@ -105,7 +136,8 @@ def formulation(name: str):
     return {"single": single, "grouped": grouped, "taps": taps}[name]
   except KeyError:
     raise app.UsageError(f"--formulations: unknown {name!r}; expected single, grouped, "
-                         "taps, padded<P> or dw_<patches|taps|pallas>") from None
+                         "taps, padded<P>, dw_<patches|taps|pallas> or "
+                         "dw_pallas@<rows>:<warps>:<stages>") from None
 
 
 def value_and_grads(fn):
@@ -133,6 +165,8 @@ def time_cell(fn, x, w, g, reps: int, want=None) -> tuple[float, float | None, t
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  for name in FLAGS.formulations:  # a misspelt one stops the run before anything is timed
+    formulation(name)
   k, b, reps, stages = FLAGS.k, FLAGS.batch, FLAGS.reps, FLAGS.stages
   if FLAGS.smoke:
     k, b, reps, stages = 4, 2, 2, ["16x8"]
@@ -152,8 +186,10 @@ def main(argv):
         if name.startswith("padded") and int(name[len("padded"):]) <= c:
           continue
         try:
-          seconds, err, grads = time_cell(formulation(name), x, w, g, reps,
-                                          None if name == "single" else want)
+          # The kernel's backward pass is traced at the first call: inside the pin.
+          with pinned_launch(launch_pin(name)):
+            seconds, err, grads = time_cell(formulation(name), x, w, g, reps,
+                                            None if name == "single" else want)
         except Exception as e:  # e.g. out of memory: record it, go on
           row = {"dtype": dtype, "stage": stage, "formulation": name,
                  "status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"}

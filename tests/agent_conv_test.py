@@ -40,6 +40,18 @@ class AgentConvTest(parameterized.TestCase):
     out = agent_conv.single(x, w)
     np.testing.assert_allclose(out[1], agent_conv.conv(x[1], w[0]), rtol=1e-5, atol=1e-5)
 
+  def test_pinned_launch_holds_only_inside_its_block(self):
+    from drt_jax import conv_grad  # noqa: PLC0415
+
+    self.assertEqual(agent_conv.launch_pin("dw_pallas@16:4:2"), (16, 4, 2))
+    self.assertIsNone(agent_conv.launch_pin("dw_pallas"))
+    with agent_conv.pinned_launch((16, 4, 2)):
+      self.assertEqual(conv_grad.launch(9, 32, 4), (16, 4, 2))
+    self.assertEqual(conv_grad.launch(9, 32, 4), conv_grad.LAUNCH[(32, 4)])
+    with self.assertRaisesRegex(Exception, "'dw_pallas@x' should be "
+                                "dw_pallas@<rows>:<warps>:<stages>"):
+      agent_conv.formulation("dw_pallas@x")
+
   def test_unknown_formulation_is_one_line(self):
     with self.assertRaisesRegex(Exception, "unknown 'im2col'; expected single, grouped"):
       agent_conv.formulation("im2col")
