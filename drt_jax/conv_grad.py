@@ -31,27 +31,32 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 D_BLOCK = 16  # output channels per program: C x 16 accumulators per tap stay in registers
-SHARED_BYTES = 96 * 1024  # X blocks staged for all pipeline stages (an SM has 228 KiB)
 ROWS_PER_PROGRAM = 1024  # rows a program sums over, at least (fewer programs: see _programs)
-# (rows per step, warps, pipeline stages) by (input channels, bytes per element), chosen for a
-# 3x3 kernel from Triton 3.9's compilation for sm_90a (no GPU needed; docs/performance.md):
-# no register spills, the most warps an SM can hold, and X staged asynchronously where Triton
-# does so. Not yet timed.
-LAUNCH = {(16, 4): (32, 2, 2), (16, 2): (64, 2, 1),
+# (rows per step, warps, pipeline stages) for a 3x3 kernel, by (input channels, bytes per
+# element), picked from Triton 3.9's compilation for sm_90a (no GPU needed; see
+# experiments/kernel_resources.py and docs/performance.md) by one rule: no register spills, at
+# least 14 warps per SM, then the most rows of X in flight per SM (programs per SM x rows x
+# stages where Triton stages X asynchronously); ties to more warps, fewer registers, more rows.
+# Not yet timed.
+LAUNCH = {(16, 4): (16, 1, 2), (16, 2): (64, 2, 1),
           (32, 4): (32, 4, 2), (32, 2): (64, 2, 1),
-          (64, 4): (16, 8, 2), (64, 2): (16, 8, 2)}
+          (64, 4): (64, 4, 1), (64, 2): (32, 8, 2)}
 
 
 def _power_of_two(n: int) -> bool:
   return n >= 16 and n & (n - 1) == 0
 
 
+def _table_key(c: int, itemsize: int) -> tuple[int, int]:
+  return c, 4 if itemsize >= 4 else 2
+
+
 def launch(taps: int, c: int, itemsize: int) -> tuple[int, int, int]:
-  """``(rows per step, warps, stages)`` for ``taps`` kernel taps and ``c`` input channels:
-  :data:`LAUNCH`'s, with fewer rows (down to 16) where ``taps`` blocks of X for every stage
-  would pass ``SHARED_BYTES``."""
-  rows, warps, stages = LAUNCH[(c, 4 if itemsize >= 4 else 2)]
-  while rows > 16 and stages * taps * rows * c * itemsize > SHARED_BYTES:
+  """``(rows per step, warps, stages)`` for ``taps`` kernel taps and ``c`` input channels
+  (:func:`supported`): :data:`LAUNCH`'s, with rows cut in proportion for kernels with more taps
+  than 3x3 (a step's registers and shared memory grow with taps x rows)."""
+  rows, warps, stages = LAUNCH[_table_key(c, itemsize)]
+  while rows > 16 and taps * rows > 9 * LAUNCH[_table_key(c, itemsize)][0]:
     rows //= 2
   return rows, warps, stages
 
@@ -59,13 +64,12 @@ def launch(taps: int, c: int, itemsize: int) -> tuple[int, int, int]:
 def supported(in_channels: int, out_channels: int, kernel_size=(3, 3), itemsize: int = 4) -> bool:
   """Whether :func:`kernel_grad` takes a convolution: channels powers of two from 16 (Triton's
   blocks are powers of two, its smallest matrix product 16 wide), at most 64 in (those
-  :data:`LAUNCH` knows), and 16 rows of every tap, for every stage, within ``SHARED_BYTES``
-  (3x3: all of them; 5x5 float32: up to 32 input channels)."""
+  :data:`LAUNCH` knows), and a kernel whose taps x 16 rows are no more than a 3x3's taps x the
+  table's rows (3x3 and smaller: all of them)."""
   if not (_power_of_two(in_channels) and _power_of_two(out_channels) and in_channels <= 64):
     return False
-  taps = kernel_size[0] * kernel_size[1]
-  _, _, stages = LAUNCH[(in_channels, 4 if itemsize >= 4 else 2)]
-  return stages * taps * 16 * in_channels * itemsize <= SHARED_BYTES
+  rows, _, _ = LAUNCH[_table_key(in_channels, itemsize)]
+  return kernel_size[0] * kernel_size[1] * 16 <= 9 * rows
 
 
 def _programs(rows: int, taps: int, c: int, d: int) -> int:

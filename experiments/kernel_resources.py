@@ -42,6 +42,24 @@ def _define_flags():
 
 
 _SM_REGISTERS, _SM_SHARED, _SM_WARPS, _SM_PROGRAMS = 65536, 228 * 1024, 64, 32  # sm_90
+MIN_WARPS_PER_SM = 14
+
+
+def rows_in_flight(row: dict) -> int:
+  """Rows of X an SM has in flight: programs x rows per step x stages where Triton stages X
+  asynchronously (9 or more async copies per step; otherwise X's loads wait in registers)."""
+  staged = row["async_copies"] >= 9
+  return row["programs_per_sm"] * row["rows"] * (row["stages"] if staged else 1)
+
+
+def pick(rows: list[dict]) -> dict | None:
+  """conv_grad.LAUNCH's rule over one stage's compiled settings: no spills, at least
+  MIN_WARPS_PER_SM warps per SM, then the most rows in flight; ties to more warps per SM, fewer
+  registers, more rows."""
+  fit = [r for r in rows if "error" not in r and r["spill_bytes"] == 0
+         and r["warps_per_sm"] >= MIN_WARPS_PER_SM]
+  return max(fit, default=None, key=lambda r: (rows_in_flight(r), r["warps_per_sm"],
+                                               -r["registers"], r["rows"]))
 
 
 @contextlib.contextmanager
@@ -143,11 +161,19 @@ def main(argv):
   os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
   from drt_jax import conv_grad  # noqa: PLC0415
 
+  for stage in FLAGS.stages:
+    if int(stage.split("x")[0]) not in (16, 32, 64):
+      raise app.UsageError(f"--stages: {stage!r}: conv_grad takes 16, 32 or 64 input channels")
+  for dtype in FLAGS.dtypes:
+    if dtype not in ("float32", "bfloat16"):
+      raise app.UsageError(f"--dtypes: {dtype!r}: expected float32 or bfloat16")
   print(f"triton {triton.__version__}, sm_{FLAGS.arch}")
   print("| stage (C×H) | dtype | rows | warps | stages | registers | spilled B | shared KiB | "
         "programs/SM | warps/SM | MMA | chosen |")
   print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  picks = []
   for stage, dtype in itertools.product(FLAGS.stages, FLAGS.dtypes):
+    measured = []
     c, size = (int(v) for v in stage.split("x"))
     chosen = conv_grad.launch(9, c, 4 if dtype == "float32" else 2)
     configs = ([chosen] if not FLAGS.sweep else
@@ -161,6 +187,7 @@ def main(argv):
       row.update(stage=stage, dtype=dtype, rows=rows, warps=warps, stages=stages,
                  chosen=(rows, warps, stages) == chosen, triton=triton.__version__,
                  arch=FLAGS.arch)
+      measured.append(row)
       if FLAGS.out:
         with open(FLAGS.out, "a") as f:
           f.write(json.dumps(row) + "\n")
@@ -171,6 +198,12 @@ def main(argv):
             f"{row['spill_bytes']} | {row['shared_bytes'] / 1024:.0f} | "
             f"{row['programs_per_sm']} | {row['warps_per_sm']} | {row['mma']} | "
             f"{'yes' if row['chosen'] else ''} |", flush=True)
+    best = pick(measured) if FLAGS.sweep else None
+    if best is not None:
+      picks.append(f"{stage} {dtype}: ({best['rows']}, {best['warps']}, {best['stages']})")
+  if picks:
+    print("\nThe rule's picks (rows, warps, stages), conv_grad.LAUNCH's candidates:\n  "
+          + "\n  ".join(picks))
 
 
 if __name__ == "__main__":

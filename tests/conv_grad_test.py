@@ -98,25 +98,24 @@ class KernelGradTest(parameterized.TestCase):
                                 "dividing 16"):
       conv_grad.kernel_grad(x, dy, (3, 3), padding, d_block=32)
 
-  def test_launch_keeps_the_staged_taps_within_shared_memory(self):
+  def test_launch_follows_the_table_and_cuts_rows_for_larger_kernels(self):
     for (c, itemsize), config in conv_grad.LAUNCH.items():
-      self.assertEqual(conv_grad.launch(9, c, itemsize), config)  # 3x3: as chosen
-      rows, _, stages = config
-      self.assertLessEqual(stages * 9 * rows * c * itemsize, conv_grad.SHARED_BYTES)
-    # 5x5, 32 float32 channels: 25 taps of 32 rows for 2 stages would be 200 KiB; 16 rows fit.
-    self.assertEqual(conv_grad.launch(25, 32, 4), (16, 4, 2))
+      self.assertEqual(conv_grad.launch(9, c, itemsize), config)  # 3x3: as picked
+      self.assertEqual(conv_grad.launch(6, c, itemsize), config)  # 3x2: no more
+    # 5x5 in bfloat16 at 16 channels: 25 taps x 16 rows within 9 taps x the table's 64 rows.
+    self.assertEqual(conv_grad.launch(25, 16, 2), (16, 2, 1))
+    self.assertEqual(conv_grad.launch(9, 64, 8), conv_grad.LAUNCH[(64, 4)])  # float64: as fp32
 
   def test_supported(self):
     self.assertTrue(conv_grad.supported(16, 64))
     self.assertFalse(conv_grad.supported(3, 16))  # ResNet-20's first convolution
     self.assertFalse(conv_grad.supported(16, 48))
     self.assertFalse(conv_grad.supported(8, 8))
-    # Shared memory: 3x3 up to 64 input channels in float32 and bfloat16; a 5x5 at 64 stages
-    # too much.
+    # Every 3x3 up to 64 input channels; a 5x5 only where the table has rows to spare.
     self.assertFalse(conv_grad.supported(128, 16))
     self.assertTrue(conv_grad.supported(64, 64, (3, 3), 4))
-    self.assertTrue(conv_grad.supported(16, 64, (5, 5), 4))
-    self.assertFalse(conv_grad.supported(64, 64, (5, 5), 2))
+    self.assertTrue(conv_grad.supported(16, 64, (5, 5), 2))
+    self.assertFalse(conv_grad.supported(16, 64, (5, 5), 4))
 
 
 def _cuda_module(fn, *args) -> str:
