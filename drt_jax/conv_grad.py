@@ -25,6 +25,8 @@ platform the same sum runs as ``kh·kw`` XLA matrix products of the shifted rows
 interpreter, ``interpret=True``, runs the kernel itself anywhere, slowly: the tests use it).
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -54,11 +56,30 @@ def _table_key(c: int, itemsize: int) -> tuple[int, int]:
 def launch(taps: int, c: int, itemsize: int) -> tuple[int, int, int]:
   """``(rows per step, warps, stages)`` for ``taps`` kernel taps and ``c`` input channels
   (:func:`supported`): :data:`LAUNCH`'s, with rows cut in proportion for kernels with more taps
-  than 3x3 (a step's registers and shared memory grow with taps x rows)."""
-  rows, warps, stages = LAUNCH[_table_key(c, itemsize)]
-  while rows > 16 and taps * rows > 9 * LAUNCH[_table_key(c, itemsize)][0]:
+  than 3x3 (a step's registers and shared memory grow with taps x rows); inside
+  :func:`pinned_launch`, its settings."""
+  if _PINNED[0] is not None:
+    return _PINNED[0]
+  table_rows, warps, stages = LAUNCH[_table_key(c, itemsize)]
+  rows = table_rows
+  while rows > 16 and taps * rows > 9 * table_rows:
     rows //= 2
   return rows, warps, stages
+
+
+_PINNED = [None]  # settings in force inside pinned_launch
+
+
+@contextlib.contextmanager
+def pinned_launch(settings: tuple[int, int, int] | None):
+  """Within the block, kernels traced use ``(rows per step, warps, stages)`` = ``settings``
+  instead of :func:`launch`'s (None: as they are). For timing or compiling alternatives; a
+  kernel's backward pass is traced at the first call of a jitted gradient, so call it inside."""
+  before, _PINNED[0] = _PINNED[0], settings
+  try:
+    yield
+  finally:
+    _PINNED[0] = before
 
 
 def supported(in_channels: int, out_channels: int, kernel_size=(3, 3), itemsize: int = 4) -> bool:
@@ -124,10 +145,11 @@ def kernel_grad(x, dy, kernel_size, padding, precision=None, *, interpret=None,
   rows = b * hp * wp
   offsets = [u * wp + v for u in range(kh) for v in range(kw)]
   br, num_warps, num_stages = launch(len(offsets), c, x.dtype.itemsize)
-  programs = _programs(rows, len(offsets), c, d)
-  if rows_per_program is not None:
-    if rows_per_program < 1:
-      raise ValueError(f"kernel_grad: rows_per_program must be positive, got {rows_per_program}")
+  if rows_per_program is None:
+    programs = _programs(rows, len(offsets), c, d)
+  elif rows_per_program < 1:
+    raise ValueError(f"kernel_grad: rows_per_program must be positive, got {rows_per_program}")
+  else:
     programs = pl.cdiv(rows, rows_per_program)
   per_program = pl.cdiv(pl.cdiv(rows, programs), br) * br
   programs = pl.cdiv(rows, per_program)  # none left with padding only

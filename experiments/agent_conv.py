@@ -26,7 +26,6 @@ stdout.
   python experiments/agent_conv.py --smoke                                           # seconds
 """
 
-import contextlib
 import functools
 import json
 import statistics
@@ -36,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from drt_jax import models
+from drt_jax import conv_grad, models
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("k", 64, "Agents K.")
@@ -111,20 +110,6 @@ def launch_pin(name: str) -> tuple[int, int, int] | None:
   return rows, warps, stages
 
 
-@contextlib.contextmanager
-def pinned_launch(pin: tuple[int, int, int] | None):
-  """Within the block, kernels traced by conv_grad use ``pin`` (None: as they are)."""
-  from drt_jax import conv_grad  # noqa: PLC0415
-
-  launch = conv_grad.launch
-  if pin is not None:
-    conv_grad.launch = lambda taps, c, itemsize: pin
-  try:
-    yield
-  finally:
-    conv_grad.launch = launch
-
-
 def formulation(name: str):
   if launch_pin(name) is not None:
     return dw("pallas")
@@ -187,7 +172,7 @@ def main(argv):
           continue
         try:
           # The kernel's backward pass is traced at the first call: inside the pin.
-          with pinned_launch(launch_pin(name)):
+          with conv_grad.pinned_launch(launch_pin(name)):
             seconds, err, grads = time_cell(formulation(name), x, w, g, reps,
                                             None if name == "single" else want)
         except Exception as e:  # e.g. out of memory: record it, go on

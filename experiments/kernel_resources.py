@@ -95,15 +95,12 @@ def triton_ir(channels: int, size: int, dtype: str, rows: int | None = None, k: 
   x = jax.ShapeDtypeStruct((k, batch, size, size, channels), jnp.dtype(dtype))
   f = jax.vmap(lambda x, dy: conv_grad.kernel_grad(x, dy, (3, 3), ((1, 1), (1, 1)),
                                                    interpret=False))
-  launch = conv_grad.launch
-  if rows is not None:
-    conv_grad.launch = lambda *a: (rows, *launch(*a)[1:])
-  try:
-    with _captured_triton_modules() as modules:
-      export.export(jax.jit(f), platforms=["cuda"], disabled_checks=[
-          export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(x, x)
-  finally:
-    conv_grad.launch = launch
+  pin = None
+  if rows is not None:  # the rows only shape the IR; warps and stages are compile options
+    pin = (rows, *conv_grad.launch(9, channels, jnp.dtype(dtype).itemsize)[1:])
+  with conv_grad.pinned_launch(pin), _captured_triton_modules() as modules:
+    export.export(jax.jit(f), platforms=["cuda"], disabled_checks=[
+        export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(x, x)
   if len(modules) != 1:
     raise RuntimeError(f"expected one Triton kernel, lowered {len(modules)}")
   return modules[0]

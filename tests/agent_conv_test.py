@@ -45,7 +45,7 @@ class AgentConvTest(parameterized.TestCase):
 
     self.assertEqual(agent_conv.launch_pin("dw_pallas@16:4:2"), (16, 4, 2))
     self.assertIsNone(agent_conv.launch_pin("dw_pallas"))
-    with agent_conv.pinned_launch((16, 4, 2)):
+    with conv_grad.pinned_launch((16, 4, 2)):
       self.assertEqual(conv_grad.launch(9, 32, 4), (16, 4, 2))
     self.assertEqual(conv_grad.launch(9, 32, 4), conv_grad.LAUNCH[(32, 4)])
     with self.assertRaisesRegex(Exception, "'dw_pallas@x' should be "
