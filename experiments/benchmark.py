@@ -220,8 +220,15 @@ def _traced_program(lowered, compiled):
     return compiled, "as timed (command buffers could not be turned off)"
 
 
-def _compile(jitted, *args):
-  """(lowered, compiled, compile seconds) of ``jitted`` at ``args``."""
+class _Compiled(NamedTuple):
+  lowered: Any
+  compiled: Any
+  seconds: float  # compile time
+  xla_bytes: int | None  # XLA's memory estimate (:func:`_xla_bytes`)
+
+
+def _compile(jitted, *args) -> _Compiled:
+  """``jitted`` lowered and compiled at ``args``, timed, with XLA's memory estimate."""
   start = time.perf_counter()
   lowered = jitted.lower(*args)
   compiled = lowered.compile()
@@ -229,7 +236,7 @@ def _compile(jitted, *args):
   # Logged now: a case cut short later (by its time limit, or out of memory) still says these.
   logging.info("  compiled in %.1f s; XLA's memory estimate %s MB", seconds,
                "–" if xla_bytes is None else f"{xla_bytes / 2**20:.0f}")
-  return lowered, compiled, seconds
+  return _Compiled(lowered, compiled, seconds, xla_bytes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,12 +303,9 @@ def _collective_bytes(hlo: str) -> dict:
 def combine_bytes(k_count: int, params: int, topology_name: str) -> dict:
   """Bytes moved per device by one combine of ``params`` floats per agent, agents sharded over
   the local devices (read from the compiled program's collectives)."""
-  from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
-
-  from drt_jax import backends  # noqa: PLC0415
   from drt_jax import topology as topology_lib  # noqa: PLC0415
 
-  split = NamedSharding(backends.agents_mesh(k_count), PartitionSpec(backends.AGENTS))
+  split = backends.split("shard", k_count)
   topo = topology_lib.make(topology_name, k_count)
   x = jax.device_put(jnp.zeros((k_count, params), jnp.float32), split)
   hlo = jax.jit(combine_lib.combine, out_shardings=split).lower(x, topo).compile().as_text()
@@ -402,7 +406,7 @@ def library_case(case: Case, backend: str, chunk_size: int, algorithm: str, run_
       return s, {"loss": losses[-1]}
 
     train_step = jax.jit(fused, donate_argnums=(0,))
-  lowered, compiled, compile_s = _compile(train_step, state, topo, dev)
+  p = _compile(train_step, state, topo, dev)
 
   def bind(c):
     def step(s):
@@ -410,12 +414,11 @@ def library_case(case: Case, backend: str, chunk_size: int, algorithm: str, run_
       return s, m["loss"]
     return step
 
-  times, loss, summary = _run(bind(compiled), state, **run_kw,
-                              program=(lowered, compiled, bind))
+  times, loss, summary = _run(bind(p.compiled), state, **run_kw,
+                              program=(p.lowered, p.compiled, bind))
   if summary and "error" not in summary:
     summary = op_profile.per_step(summary, scan_steps)
-  return Measured(compile_s, [t / scan_steps for t in times], _xla_bytes(compiled), loss,
-                  summary)
+  return Measured(p.seconds, [t / scan_steps for t in times], p.xla_bytes, loss, summary)
 
 
 def algorithm_case(case: Case, backend: str, chunk_size: int, algorithm: str, reps: int) -> float:
@@ -474,14 +477,14 @@ def single_case(case: Case, run_kw: dict):
   dev = _device_data(case.data, 1)
   state = _single_state(case.model, opt, jax.random.key(0))
   program = _single_program(case.model, case.k_count * case.batch, opt)
-  lowered, compiled, compile_s = _compile(program, state, dev)
+  p = _compile(program, state, dev)
 
   def bind(c):
     return lambda s: c(s, dev)
 
-  times, loss, summary = _run(bind(compiled), state, **run_kw,
-                              program=(lowered, compiled, bind))
-  return Measured(compile_s, times, _xla_bytes(compiled), loss, summary)
+  times, loss, summary = _run(bind(p.compiled), state, **run_kw,
+                              program=(p.lowered, p.compiled, bind))
+  return Measured(p.seconds, times, p.xla_bytes, loss, summary)
 
 
 def loop_case(case: Case, run_kw: dict):
@@ -498,19 +501,18 @@ def loop_case(case: Case, run_kw: dict):
     return [jax.tree.map(lambda x, k=k: x[k], mixed) for k in range(k_count)]
 
   states = [_single_state(model, opt, jax.random.key(k)) for k in range(k_count)]
-  _, step_c, step_s = _compile(_single_program(model, case.batch, opt), states[0], dev)
+  step = _compile(_single_program(model, case.batch, opt), states[0], dev)
   params = [s.params for s in states]
-  _, combine_c, combine_s = _compile(jax.jit(combine_all, donate_argnums=(0,)), params,
-                                     mixing)
+  combine = _compile(jax.jit(combine_all, donate_argnums=(0,)), params, mixing)
 
   def round_(states):
-    out = [step_c(s, dev) for s in states]
-    mixed = combine_c([s.params for s, _ in out], mixing)
+    out = [step.compiled(s, dev) for s in states]
+    mixed = combine.compiled([s.params for s, _ in out], mixing)
     return ([s._replace(params=p) for (s, _), p in zip(out, mixed, strict=True)],
             jnp.stack([loss for _, loss in out]))
 
   times, loss, _ = _run(round_, states, **run_kw)
-  return Measured(step_s + combine_s, times, _xla_bytes(step_c), loss)
+  return Measured(step.seconds + combine.seconds, times, step.xla_bytes, loss)
 
 
 # --------------------------------------------------------------------------------------------
