@@ -527,6 +527,7 @@ def _machine() -> dict:
       "cpu_count": os.cpu_count(), "jax": jax.__version__,
       "jaxlib": getattr(jax.lib, "__version__", None), "optax": optax.__version__,
       "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
 
@@ -748,6 +749,8 @@ def main(argv):
                        f"{jax.local_device_count()} devices): a backend started before main")
   machine = _machine()
   logging.info("machine: %s", machine)
+  if hint := backends.host_memory_hint():
+    logging.info(hint)
   sink = _Sink(FLAGS.out)
   sink.write({"machine": machine, "settings": s})
   run_kw = {"warmup": s["warmup"], "steps": s["steps"], "budget_s": FLAGS.case_budget_s}

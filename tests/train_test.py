@@ -3,7 +3,9 @@
 import functools
 import json
 import os
+import platform
 import tempfile
+from unittest import mock
 
 import chex
 import flax.linen as flax_nn
@@ -214,6 +216,28 @@ class TrainAndEvaluateTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "unknown conv 'fft'"):
       train.make_model(config.resolve({**c.to_dict(), "model_options": {"conv": "fft"}}),
                        d).init(jax.random.key(0))
+
+  def test_host_memory_hint_names_the_tunable_only_where_it_helps(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      madvise, never = os.path.join(tmp, "madvise"), os.path.join(tmp, "never")
+      with open(madvise, "w") as f:
+        f.write("always [madvise] never\n")
+      with open(never, "w") as f:
+        f.write("always madvise [never]\n")
+      env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+      with mock.patch.dict(os.environ, env, clear=True):
+        hint = backends.host_memory_hint(madvise)
+        self.assertIsNone(backends.host_memory_hint(never))
+        self.assertIsNone(backends.host_memory_hint(os.path.join(tmp, "missing")))
+      tunables = {**env, "GLIBC_TUNABLES": backends.HUGE_PAGES_TUNABLE}
+      with mock.patch.dict(os.environ, tunables, clear=True):
+        self.assertIsNone(backends.host_memory_hint(madvise))
+    libc, version = platform.libc_ver()
+    glibc = libc == "glibc" and tuple(int(v) for v in version.split(".")[:2]) >= (2, 35)
+    if jax.default_backend() == "cpu" and glibc:
+      self.assertIn(f"GLIBC_TUNABLES={backends.HUGE_PAGES_TUNABLE}", hint)
+    else:
+      self.assertIsNone(hint)
 
   def test_auto_conv_follows_the_agents_each_device_vmaps(self):
     d = tiny_data(shape=(12, 12, 1))
