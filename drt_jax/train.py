@@ -778,6 +778,8 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
   used = backends.mesh_size(c.num_agents) if resolved == "shard" else 1
   logging.info("devices: %s; backend %s -> %s on %d of them", jax.devices(), c.backend, resolved,
                used)
+  if hint := backends.host_memory_hint():
+    logging.info(hint)
   if c.model in models.CONV_MODELS:  # 'auto' depends on the platform and the agents per device
     logging.info("convolutions: conv %s -> %s", c.conv, conv_formulation(c))
   mine = backends.local_agents(dev.idx)

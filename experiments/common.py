@@ -9,11 +9,11 @@ ConfigDict: the library's fields (:func:`drt_jax.config.default_config`) plus th
 import sys
 
 import ml_collections
-from absl import app, flags, logging
+from absl import app, flags
 
-from drt_jax import backends, datasets, train
 from drt_jax import config as config_lib
 from drt_jax import data as data_lib
+from drt_jax import datasets, train
 
 EXPERIMENT_FIELDS = ("compare",)
 
@@ -36,12 +36,6 @@ def data_for(c) -> data_lib.Data:
   if key not in _DATA:
     _DATA[key] = train.load_data(c)
   return _DATA[key]
-
-
-def log_host_memory_hint() -> None:
-  """Logs :func:`drt_jax.backends.host_memory_hint` where it has advice (once JAX has started)."""
-  if hint := backends.host_memory_hint():
-    logging.info(hint)
 
 
 def _one_line(e: BaseException) -> str:

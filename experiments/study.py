@@ -249,7 +249,6 @@ def main(argv):
 
   f = flags.FLAGS
   backends.use_host_devices(f.host_devices)
-  common.log_host_memory_hint()
   os.makedirs(f.out, exist_ok=True)
   base = base_config(f.dataset, f.smoke)
   if f.stage == "tune":

@@ -327,7 +327,6 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
   backends.use_host_devices(f.host_devices)
-  common.log_host_memory_hint()
   if f.config is None:
     sys.exit("error: --config is required, e.g. --config=experiments/configs/default.py:smoke")
   try:

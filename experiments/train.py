@@ -127,7 +127,6 @@ def main(argv):
   backends.use_host_devices(_HOST_DEVICES.value)
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          timeout_s=_JOIN_TIMEOUT.value)
-  common.log_host_memory_hint()
   run_experiment(_CONFIG.value, _WORKDIR.value, _OVERWRITE.value)
 
 
