@@ -87,6 +87,11 @@ def vmapped_agents(backend: str, num_agents: int, chunk_size: int | None = None)
   return 1 if backend == "map" else num_agents
 
 
+# The fewest agents per device from which ``conv='auto'`` takes one matmul per kernel tap over
+# XLA's (grouped) convolution, in float32, by platform (measured: docs/performance.md).
+TAPS_FROM_AGENTS = {"cpu": 2, "gpu": 4}
+
+
 def best_conv(conv: str = "auto", precision: str = "float32", agents: int = 64) -> str:
   """The convolution formulation (``models.CONVS``) ``auto`` stands for on this platform, with
   ``agents`` agents vmapped on each device (:func:`vmapped_agents`).
@@ -94,15 +99,18 @@ def best_conv(conv: str = "auto", precision: str = "float32", agents: int = 64) 
   Measured (docs/performance.md), float32: on an H200 (ResNet-20, 64 agents vmapped) one matmul
   per kernel tap ran 1.43x faster than XLA's grouped convolution; on a 2-core CPU, with 4 to 64
   agents per device, 1.2-2.6x faster (small CNN and ResNet-20), while with one agent per device,
-  where nothing is grouped, XLA's convolution ran 2.6x faster than the taps, and with two
-  agents per device neither won clearly. In bfloat16 the grouped convolution was 1.47x faster
-  than the taps on the H200. On a TPU nothing is measured: ``'xla'``.
+  where nothing is grouped, XLA's convolution ran 2.6x faster than the taps. With two agents per
+  device on the CPU the taps ran 1.42x (ResNet-20) and 1.04x (small CNN) faster with host
+  memory in huge pages (the Makefile's default); with 4 KiB pages XLA's convolution won for
+  ResNet-20 by 1.11x. From 2 to 3 agents per device nothing is measured on a GPU, and in
+  bfloat16 the grouped convolution was 1.47x faster than the taps on the H200. On a TPU nothing
+  is measured: ``'xla'``.
   """
   if conv != "auto":
     return conv
-  grouped = agents >= 4
-  return "taps" if grouped and precision == "float32" and jax.default_backend() in (
-      "gpu", "cpu") else "xla"
+  from_agents = TAPS_FROM_AGENTS.get(jax.default_backend())
+  taps = from_agents is not None and agents >= from_agents and precision == "float32"
+  return "taps" if taps else "xla"
 
 
 def agents_mesh(num_agents: int | None = None) -> Mesh:

@@ -205,6 +205,8 @@ class TrainAndEvaluateTest(parameterized.TestCase):
     measured = jax.default_backend() in ("gpu", "cpu")
     self.assertEqual(backends.best_conv("auto", "float32", 64), "taps" if measured else "xla")
     self.assertEqual(backends.best_conv("auto", "float32", 1), "xla")  # nothing is grouped
+    cpu = jax.default_backend() == "cpu"  # 2 agents: taps on CPU, unmeasured on GPU
+    self.assertEqual(backends.best_conv("auto", "float32", 2), "taps" if cpu else "xla")
     self.assertEqual(backends.best_conv("auto", "bfloat16", 64), "xla")
     self.assertEqual(backends.best_conv("xla", "float32", 64), "xla")
     taps, xla = (train.make_model(config.resolve({**c.to_dict(), "conv": v}), d)
@@ -257,7 +259,7 @@ class TrainAndEvaluateTest(parameterized.TestCase):
     for overrides, agents in cases:
       self.assertEqual(backends.vmapped_agents(overrides["backend"], overrides["num_agents"],
                                                overrides.get("chunk_size")), agents, overrides)
-      grouped = agents >= 4 and jax.default_backend() in ("gpu", "cpu")
+      grouped = agents >= backends.TAPS_FROM_AGENTS.get(jax.default_backend(), agents + 1)
       self.assertEqual(convolutions(overrides) == 0, grouped, overrides)  # taps: no conv op
 
   def test_same_config_and_seeds_give_the_same_history(self):
