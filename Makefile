@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/default
 export JAX_COMPILATION_CACHE_DIR ?= $(HOME)/.cache/drt_jax/jax
 # XLA:CPU's large buffers in transparent huge pages (glibc >= 2.35; ignored elsewhere): elementwise
-# passes over the stacked agents run up to 3x faster (docs/performance.md, "Host memory").
+# passes over the stacked agents run up to 3x faster (docs/performance.md, "Host memory in
+# huge pages").
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: run test lint bench clean
