@@ -37,6 +37,8 @@ class BenchmarkSmokeTest(absltest.TestCase):
 
     rows = result["rows"]
     self.assertEqual(result["machine"]["local_device_count"], 2)
+    # Timings depend on the host memory's page size: the record says how the process started.
+    self.assertEqual(result["machine"]["glibc_tunables"], os.environ.get("GLIBC_TUNABLES", ""))
     self.assertEqual(result["settings"]["ks"], [2, 4])
     for k_count in (2, 4):
       variants = {r["variant"] for r in rows if r["K"] == k_count}
