@@ -347,7 +347,7 @@ def host_memory_hint(thp_enabled: str = _THP_ENABLED) -> str | None:
   glibc hands XLA:CPU's large buffers out in 4 KiB pages, and on CPU a pass over the stacked
   agents' parameters then spends most of its time mapping pages: on a 2-core VM, ``x * 2`` on
   1,024 x 50,000 floats took 64-84 ms, 19-22 ms with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``
-  (``docs/performance.md``, "Host memory"). glibc reads that variable when the process starts, so
+  (``docs/performance.md``, "Host memory in huge pages"). glibc reads that variable at start-up, so
   no library can set it for itself; the Makefile exports it. None where it is set or cannot help:
   not XLA:CPU, not glibc >= 2.35, or transparent huge pages off (``thp_enabled``).
   """
