@@ -6,9 +6,10 @@ architecture are apart in *function* space from their parameters alone:
     DRT(w_l -> w_k) = prod_p (1 + d_lk^(p)) - 1,    d_lk^(p) = ||w_k^(p) - w_l^(p)|| / ||w_l^(p)||
 
 over the layers p. DRT diffusion (Li, Fainman, Vlaski, arXiv 2501.03162) turns a penalty on it into
-layer-wise, time-varying combination weights. The paper's full text was not available to us; the
-weights below are our derivation, documented in ``docs/drt_diffusion.md`` of the shared spec and
-in ``README.md``: after the local step psi, with base weights c_lk and guarded norms,
+layer-wise, time-varying combination weights. The paper's full text was not available when this
+was written; the weights below are this project's derivation (penalise the squared DRT between
+neighbours, take one gradient step on the penalty after the local step). After the local step
+psi, with base weights c_lk and guarded norms,
 
     beta_lk^(p) = prod_{q != p} (1 + (d_lk^(q))^2) / ||psi_l^(p)||^2
     a_lk^(p)    = gamma^(p) c_lk beta_lk^(p)        (l != k),   a_kk^(p) = 1 - sum_{l != k} a_lk^(p)
@@ -99,21 +100,22 @@ def _leave_one_out(logs):
   return jnp.tensordot(1.0 - jnp.eye(p_count, dtype=logs.dtype), logs, axes=1)
 
 
-def _reverse_edge_weights(off, log_a, log_s, nbr_idx, neighbour, floor):
+def _reverse_edge_weights(off, log_a, log_s, c, nbr_idx, neighbour, floor):
   """a_lk f_l for every listed edge l -> k, read from agent l's own column where it lists k.
 
-  With symmetric base weights and beta, a_lk = a_kl, so agent l's normalised weight for k is
-  a_lk f_l; taking it from there makes min(a_lk f_k, a_lk f_l) bitwise symmetric. Edges without
-  a reverse (directed graphs) compute a_lk f_l directly.
+  Where the base weights agree both ways (c_kl = c_lk), beta's symmetry gives a_kl = a_lk, so
+  agent l's normalised weight for k is a_lk f_l; taking it from there makes min(a_lk f_k, a_lk f_l)
+  bitwise symmetric. Other edges (no reverse on a directed graph, or uniform weights on an
+  irregular graph) compute a_lk f_l directly.
   """
   k_count = nbr_idx.shape[0]
   back = (nbr_idx[nbr_idx] == jnp.arange(k_count)[:, None, None]) & neighbour[nbr_idx]  # [K,D,D]
-  has_back = jnp.any(back, axis=-1)
   rev = jnp.argmax(back, axis=-1)  # slot of k in l's list
+  mirrored = jnp.any(back, axis=-1) & (c[nbr_idx, rev] == c)  # [K, D]
   from_l = off[:, nbr_idx, rev]  # [P, K, D]
   log_f_l = jnp.minimum(0.0, jnp.log1p(-floor) - log_s)[:, nbr_idx]
   direct = jnp.where(neighbour, jnp.exp(log_a + log_f_l), 0.0)
-  return jnp.where(has_back[None], from_l, direct)
+  return jnp.where(mirrored[None], from_l, direct)
 
 
 def weights(psi: PyTree, mixing: Mixing, names: list[str], gamma: dict, *, variant: str = "drt",
@@ -171,9 +173,11 @@ def weights(psi: PyTree, mixing: Mixing, names: list[str], gamma: dict, *, varia
     # floor exact even when log a is in the hundreds (float32 would lose it in log a - log s).
     mass = jnp.exp(jnp.minimum(log_s, jnp.log1p(-floor)))
     share = jax.nn.softmax(log_a, axis=-1, where=neighbour)
-    off = jnp.where(neighbour, share * mass[:, :, None], 0.0)
+    # No mass at all (strength 0) leaves softmax at 0/0: no mixing, the column keeps its own psi.
+    off = jnp.where(neighbour & (log_s > -jnp.inf)[:, :, None], share * mass[:, :, None], 0.0)
     if variant == "drt_symmetric":
-      off = jnp.minimum(off, _reverse_edge_weights(off, log_a, log_s, nbr_idx, neighbour, floor))
+      off = jnp.minimum(off, _reverse_edge_weights(off, log_a, log_s, c, nbr_idx, neighbour,
+                                                   floor))
   self_w = 1.0 - jnp.sum(off, axis=-1)  # [P, K]
   a = off.at[:, :, 0].set(self_w)
   return {p: a[i] for i, p in enumerate(layers)}, log1p_drt

@@ -145,9 +145,9 @@ class MatrixPropertiesTest(parameterized.TestCase):
     mats = _dense(mix, layer_w)
     dense = drt.layer_matrices(params, mix, variant=variant, floor=_FLOOR, method="dense")
     self._assert_properties(dense, base, variant, exact_floor=variant == "drt")
-    # Known bug (drt, drt_symmetric): exp(log_a + log_f) adds float32 logs of magnitude ~550
-    # that cancel, so the saturated weights carry ~3e-5 relative error: agent 7's self-weight is
-    # 0.0499774 < floor, and sparse differs from the float64 reference by 2.3e-5 (> 1e-6).
+    # Normalising before scaling (softmax x mass) keeps the saturated weights within 1e-6 of the
+    # float64 reference and the floor exact. (drt_symmetric's edges without a mirrored reverse,
+    # on directed graphs, still take exp(log a + log f) with log a ~ 500: ~1e-5 relative error.)
     self._assert_properties(mats, base, variant, exact_floor=variant == "drt")
     for p in mats:
       np.testing.assert_allclose(mats[p], dense[p], atol=1e-6, err_msg=f"sparse vs dense, {p}")
@@ -211,6 +211,39 @@ class MatrixPropertiesTest(parameterized.TestCase):
     # Control for the test above: the default variant normalises by the neighbour's norms only.
     mats = _matrices("star", "drt", "independent", "sparse")
     self.assertGreater(max(np.abs(a - a.T).max() for a in mats.values()), 1e-3)
+
+  @parameterized.parameters(0.3, 50.0)
+  def test_symmetric_variant_with_asymmetric_base_weights(self, strength):
+    # Uniform weights on a star: c_lk != c_kl on every edge. The floor is still applied per edge
+    # with min(f_k, f_l), a_lk min(f_k, f_l), so the matrices are not symmetric.
+    topo = topology.make("star", _K, weights="uniform")
+    base, mix = topo.dense(0), _pad(topo.mixing(0))
+    self.assertFalse(np.allclose(base, base.T))
+    psi = _network("independent", seed=6)
+    names = combine.layer_names(psi)
+    gamma = {p: strength * v for p, v in drt.calibrate(psi, names).items()}
+    layer_w, _ = _weights_jit(psi, mix, tuple(names), gamma, variant="drt_symmetric",
+                              floor=_FLOOR)
+    sparse = _dense(mix, layer_w)
+    dense = drt.weights_dense(psi, base, names, gamma, variant="drt_symmetric", floor=_FLOOR)
+    self._assert_properties(sparse, base, "drt_symmetric")
+    for p in sparse:
+      np.testing.assert_allclose(sparse[p], dense[p], atol=1e-6, err_msg=p)
+    self.assertGreater(max(np.abs(a - a.T).max() for a in sparse.values()), 1e-2)
+
+  @parameterized.parameters("drt", "drt_symmetric")
+  def test_zero_strength_does_not_mix(self, variant):
+    # rho = 0 gives every off-diagonal weight zero mass: each agent keeps its own psi (local
+    # training), not 0/0.
+    psi = _network("independent", seed=7)
+    _, mix = _topology("ring")
+    names = combine.layer_names(psi)
+    gamma = {p: 0.0 * v for p, v in drt.calibrate(psi, names).items()}
+    layer_w, _ = _weights_jit(psi, mix, tuple(names), gamma, variant=variant, floor=_FLOOR)
+    for p, a in _dense(mix, layer_w).items():
+      np.testing.assert_array_equal(a, np.eye(_K), err_msg=p)
+    out = combine.combine_layers(psi, mix.nbr_idx, layer_w, names)
+    chex.assert_trees_all_equal(out, psi)
 
   @parameterized.product(topo_name=("ring", "star", "exponential"), floor=(0.05, 0.2, 0.5))
   def test_normalized_self_weight(self, topo_name, floor):
