@@ -2,9 +2,10 @@ r"""The paper's setting: ResNet-20 on CIFAR-10, K = 16 agents on a ring, non-IID
 
 For users with internet (CIFAR-10 is downloaded and prepared once by tfds, which needs
 TensorFlow: ``pip install .[tfds-prepare]``) and an accelerator. Dirichlet label skew
-(alpha = 0.5) over 16 agents (3,125 examples each), ResNet-20 (0.27M parameters, BatchNorm kept
-local), random crop + flip on the device, SGD with momentum and weight decay, batch 32,
-9,800 steps (about 100 local epochs); DRT diffusion vs ATC diffusion:
+(alpha = 0.5) over 16 agents (about 2,810 examples each after the 10 % validation split),
+ResNet-20 (0.27M parameters, BatchNorm kept local), random crop + flip on the device, SGD with
+momentum and weight decay, batch 32, 9,800 steps (about 110 local epochs); DRT diffusion vs ATC
+diffusion:
 
   python experiments/train.py --config=experiments/configs/cifar10_resnet20.py \
       --config.download=True --config.data_dir=~/tensorflow_datasets --workdir=runs/cifar10
