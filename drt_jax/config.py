@@ -10,6 +10,7 @@ config files only from sources you trust; a run's ``config.json`` (what a workdi
 ``resolve`` takes as a plain dict) is data and runs nothing.
 """
 
+import math
 from collections.abc import Mapping
 
 import ml_collections
@@ -112,6 +113,16 @@ def _fail(field, value, accepted):
   raise ValueError(f"config.{field}={value!r} is not accepted; expected {accepted}")
 
 
+def _int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _real(v) -> bool:
+  """A finite number (bool excluded): inf and nan are refused where they are set, not found as
+  non-finite parameters steps later."""
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _one_of(c, field, options):
   if c[field] not in options:
     _fail(field, c[field], "one of: " + ", ".join(options))
@@ -121,6 +132,9 @@ def resolve(config: Mapping | ml_collections.ConfigDict | None) -> ml_collection
   """Defaults overridden by ``config``; unknown fields and bad values raise ValueError."""
   c = default_config()
   if config is not None:
+    if not isinstance(config, (Mapping, ml_collections.ConfigDict)):
+      raise ValueError(f"a config is a mapping of fields, e.g. {{'num_agents': 8}}; got "
+                       f"{type(config).__name__}")
     user = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
     _merge(c, user, "")
   validate(c)
@@ -132,10 +146,17 @@ def _merge(base, user, prefix):
     if key not in base:
       raise ValueError(f"unknown config field {prefix + key!r}; known fields: "
                        f"{', '.join(sorted(base.keys()))}")
-    if key.endswith("options"):
-      base[key] = ml_collections.ConfigDict(dict(value))
-    elif isinstance(base[key], ml_collections.ConfigDict):
-      _merge(base[key], dict(value), f"{prefix}{key}.")
+    if isinstance(base[key], ml_collections.ConfigDict):
+      if not isinstance(value, (Mapping, ml_collections.ConfigDict)):
+        first = sorted(base[key].keys())[0] if base[key].keys() else "rows"
+        example = f"{{{first!r}: ...}}"
+        raise ValueError(f"config.{prefix}{key}={value!r} is not accepted; expected a mapping of "
+                         f"its fields, e.g. {example}")
+      value = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else dict(value)
+      if key.endswith("options"):
+        base[key] = ml_collections.ConfigDict(value)
+      else:
+        _merge(base[key], value, f"{prefix}{key}.")
     else:
       base[key] = value
 
@@ -150,42 +171,50 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _one_of(c, "conv", ("auto",) + models.CONVS)
   _one_of(c, "backend", backends.BACKENDS)
   for field in ("num_agents", "batch_size", "comm_every", "eval_batch_size"):
-    if not isinstance(c[field], int) or c[field] < 1:
+    if not _int(c[field]) or c[field] < 1:
       _fail(field, c[field], "an integer >= 1")
-  for field in ("num_steps", "eval_every", "eval_examples", "train_eval_examples", "chunk_size",
-                "log_every", "checkpoint_every"):
-    if not isinstance(c[field], int) or c[field] < 0:
+  for field in ("seed", "num_steps", "eval_every", "eval_examples", "train_eval_examples",
+                "chunk_size", "log_every", "checkpoint_every"):
+    if not _int(c[field]) or c[field] < 0:
       _fail(field, c[field], "an integer >= 0")
-  if not isinstance(c.keep_checkpoints, int) or c.keep_checkpoints < 1:
+  if not _int(c.keep_checkpoints) or c.keep_checkpoints < 1:
     _fail("keep_checkpoints", c.keep_checkpoints, "an integer >= 1")
   for field in ("agent_dropout", "link_failure", "straggler"):
     p = c.faults[field]
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
       _fail(f"faults.{field}", p, "a probability in [0, 1]")
-  if not isinstance(c.faults.seed, int) or isinstance(c.faults.seed, bool) or c.faults.seed < 0:
+  if not _int(c.faults.seed) or c.faults.seed < 0:
     _fail("faults.seed", c.faults.seed, "an integer >= 0")
-  if not c.learning_rate > 0:
-    _fail("learning_rate", c.learning_rate, "a number > 0")
-  if not 0.0 <= c.momentum < 1.0:
+  if not (_real(c.learning_rate) and c.learning_rate > 0):
+    _fail("learning_rate", c.learning_rate, "a finite number > 0")
+  if not (_real(c.momentum) and 0.0 <= c.momentum < 1.0):
     _fail("momentum", c.momentum, "a number in [0, 1)")
-  if not c.weight_decay >= 0.0:
-    _fail("weight_decay", c.weight_decay, "a number >= 0")
-  if not 0.0 <= c.lazy < 1.0:
+  if not (_real(c.weight_decay) and c.weight_decay >= 0.0):
+    _fail("weight_decay", c.weight_decay, "a finite number >= 0")
+  if not (_real(c.lazy) and 0.0 <= c.lazy < 1.0):
     _fail("lazy", c.lazy, "a number in [0, 1)")
-  if not 0.0 <= c.self_weight < 1.0:
+  if not (_real(c.self_weight) and 0.0 <= c.self_weight < 1.0):
     _fail("self_weight", c.self_weight, "a number in [0, 1) (0 = the weight rule's own)")
-  if not c.drt.strength >= 0:
-    _fail("drt.strength", c.drt.strength, "a number >= 0")
-  if not 0.0 <= c.drt.floor < 1.0:
+  if not (_real(c.drt.strength) and c.drt.strength >= 0):
+    _fail("drt.strength", c.drt.strength, "a finite number >= 0")
+  if not (_real(c.drt.floor) and 0.0 <= c.drt.floor < 1.0):
     _fail("drt.floor", c.drt.floor, "a number in [0, 1)")
-  if not c.drt.eps > 0:
-    _fail("drt.eps", c.drt.eps, "a number > 0")
+  if not (_real(c.drt.eps) and c.drt.eps > 0):
+    _fail("drt.eps", c.drt.eps, "a finite number > 0")
   if c.drt.granularity not in ("module", "leaf"):
     _fail("drt.granularity", c.drt.granularity, "one of: module, leaf")
   if c.drt.reference not in drt.REFERENCES:
     _fail("drt.reference", c.drt.reference, "one of: " + ", ".join(drt.REFERENCES))
   if isinstance(c.model, str) and c.model not in models.NAMES:
     _fail("model", c.model, "one of: " + ", ".join(models.NAMES))
+  for field, name, accepted in (("topology_options", c.topology, topology.options),
+                                ("model_options", c.model, models.options)):
+    if not isinstance(name, str):
+      continue
+    for key in c[field]:
+      if key not in accepted(name):
+        _fail(f"{field}.{key}", c[field][key], f"an option of {name!r}, one of: "
+              + (", ".join(accepted(name)) or "none"))
   if not isinstance(c.dataset, str) or not c.dataset.strip():
     _fail("dataset", c.dataset, "'synthetic' or a tfds name, e.g. one of: "
           + ", ".join(datasets.SUPPORTED))
@@ -194,14 +223,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _one_of(c, "augment", AUGMENTS)
   if not isinstance(c.download, bool):
     _fail("download", c.download, "True or False")
-  if not 0.0 <= c.validation_fraction < 1.0:
+  if not (_real(c.validation_fraction) and 0.0 <= c.validation_fraction < 1.0):
     _fail("validation_fraction", c.validation_fraction, "a number in [0, 1)")
-  if not (c.dirichlet_alpha > 0 and c.dirichlet_alpha < float("inf")):
+  if not (_real(c.dirichlet_alpha) and c.dirichlet_alpha > 0):
     _fail("dirichlet_alpha", c.dirichlet_alpha, "a finite number > 0 (small: label skew, large: "
           "near IID)")
-  if not isinstance(c.classes_per_agent, int) or c.classes_per_agent < 1:
+  if not _int(c.classes_per_agent) or c.classes_per_agent < 1:
     _fail("classes_per_agent", c.classes_per_agent, "an integer >= 1")
-  if not isinstance(c.min_per_agent, int) or c.min_per_agent < 0:
+  if not _int(c.min_per_agent) or c.min_per_agent < 0:
     _fail("min_per_agent", c.min_per_agent, "an integer >= 0 (0 = default)")
   if c.backend == "chunked" and (c.chunk_size < 1 or c.num_agents % c.chunk_size):
     _fail("chunk_size", c.chunk_size, f"an integer >= 1 dividing num_agents={c.num_agents}")

@@ -29,6 +29,7 @@ the kernel gradient as one Pallas kernel (:mod:`drt_jax.conv_grad`; Triton on NV
 elsewhere the same sum as XLA matrix products).
 """
 
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Sequence
@@ -347,6 +348,14 @@ NAMES = tuple(sorted(_MODELS))  # the names make() accepts
 CONV_MODELS = ("cnn", "resnet20")  # those with a ``conv`` option
 
 
+def options(name: str) -> tuple[str, ...]:
+  """The options :func:`make` passes to the named model's module (``config.model_options``)."""
+  if name not in _MODELS:
+    raise ValueError(f"unknown model {name!r}; expected one of: {', '.join(NAMES)}")
+  return tuple(f.name for f in dataclasses.fields(_MODELS[name][0])
+               if f.init and f.name not in ("num_classes", "parent", "name"))
+
+
 def make(name: str, num_classes: int = 10, input_shape: Sequence[int] | None = None,
          **kw) -> Model:
   """The named model (``resnet20``, ``cnn``, ``mlp``); ``kw`` go to its module constructor.
@@ -357,8 +366,10 @@ def make(name: str, num_classes: int = 10, input_shape: Sequence[int] | None = N
     variables = model.init(jax.random.key(0))           # float32 parameters
     logits, new_state = model.apply(variables, x, True)  # float32 logits [B, 10]
   """
-  if name not in _MODELS:
-    raise ValueError(f"unknown model {name!r}; expected one of: {', '.join(NAMES)}")
+  unknown = sorted(set(kw) - set(options(name)))
+  if unknown:
+    raise ValueError(f"model {name!r} takes no option {unknown[0]!r}; its options: "
+                     f"{', '.join(options(name))}")
   cls, default_shape = _MODELS[name]
   module = cls(num_classes=num_classes, **kw)
   return from_flax(module, input_shape or default_shape, num_classes)

@@ -327,6 +327,9 @@ def _ring(num_agents):
 
 
 def _grid_shape(num_agents: int, rows: int | None, cols: int | None) -> tuple[int, int]:
+  for name, v in (("rows", rows), ("cols", cols)):
+    if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1):
+      raise ValueError(f"grid option {name}={v!r} must be an integer >= 1 (rows x cols = K)")
   if rows is None and cols is None:
     rows = max(r for r in range(1, int(math.isqrt(num_agents)) + 1) if num_agents % r == 0)
   if rows is None:
@@ -441,6 +444,14 @@ def _weights(adj: np.ndarray, rule: str) -> np.ndarray:
   return a
 
 
+def options(kind: str) -> tuple[str, ...]:
+  """The graph options :func:`make` takes for ``kind`` (``config.topology_options``)."""
+  if kind not in _GRAPHS:
+    raise ValueError(f"unknown topology {kind!r}; expected one of: {', '.join(KINDS)}")
+  own = [n for n in inspect.signature(_GRAPHS[kind]).parameters if n not in ("num_agents", "seed")]
+  return (*own, "lazy", "self_weight")
+
+
 def make(kind: str, num_agents: int, *, weights: str = "metropolis", seed: int = 0,
          **kw) -> Topology:
   """Builds a named topology for ``num_agents`` agents.
@@ -464,16 +475,16 @@ def make(kind: str, num_agents: int, *, weights: str = "metropolis", seed: int =
   if weights not in WEIGHT_RULES:
     raise ValueError(f"unknown weight rule {weights!r}; expected one of: "
                      f"{', '.join(WEIGHT_RULES)}")
-  if not isinstance(num_agents, (int, np.integer)) or num_agents < 1:
+  if (not isinstance(num_agents, (int, np.integer)) or isinstance(num_agents, bool)
+      or num_agents < 1):
     raise ValueError(f"num_agents={num_agents!r} must be an integer >= 1")
   lazy = kw.pop("lazy", None)
   self_weight = kw.pop("self_weight", None)
   builder = _GRAPHS[kind]
-  accepted = [n for n in inspect.signature(builder).parameters if n not in ("num_agents", "seed")]
-  unknown = sorted(set(kw) - set(accepted))
+  unknown = sorted(set(kw) - set(options(kind)))
   if unknown:
     raise ValueError(f"topology {kind!r} takes no option {unknown[0]!r}; its options: "
-                     f"{', '.join(accepted + ['lazy', 'self_weight'])}")
+                     f"{', '.join(options(kind))}")
   if "seed" in inspect.signature(builder).parameters:
     kw["seed"] = seed
   adjs = builder(int(num_agents), **kw)
