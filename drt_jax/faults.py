@@ -98,11 +98,22 @@ def mask_mixing(mixing: Mixing, alive, link_ok) -> Mixing:
   return mixing._replace(nbr_w=kept.at[:, 0].set(self_w.astype(w.dtype)))
 
 
+# Folded into the fault seed's key so that fault draws share no key with the run's own streams
+# (initialisation and sampling fold 0 and 1 into jax.random.key(config.seed), and the fault seed
+# defaults to the same number).
+_STREAM = 0x6661756C  # "faul"
+
+
+def stream_key(seed: int) -> jax.Array:
+  """The run's fault key: the root of every fault pattern of fault seed ``seed``."""
+  return jax.random.fold_in(jax.random.key(seed), _STREAM)
+
+
 def sample(key, step, mixing: Mixing, spec: Spec) -> Faults:
   """The fault pattern at ``step`` (may be traced): a pure function of ``(key, step)``.
 
   Args:
-    key: the run's fault key, ``jax.random.key(spec.seed)``.
+    key: the run's fault key, :func:`stream_key` of ``spec.seed``.
     step: the step index, folded into the key.
     mixing: the base weights this step would use.
     spec: the probabilities.

@@ -242,7 +242,7 @@ def build_programs(c: ml_collections.ConfigDict, model: models.Model,
     fault_metrics, step_kw, f = {}, {}, None
     if fault_spec is not None:  # a Python branch: no fault code in a fault-free program
       base = combine_lib.as_mixing(topology, state.alg_state.count)
-      f = faults.sample(jax.random.key(fault_spec.seed), state.step, base, fault_spec)
+      f = faults.sample(faults.stream_key(fault_spec.seed), state.step, base, fault_spec)
       topology, step_kw = f.mixing, {"active": f.active}
       fault_metrics = faults.counts(f, base)
     point = state.params
@@ -368,7 +368,9 @@ def _static_key(c: ml_collections.ConfigDict, model_obj) -> str:
 
 
 def programs_for(c, model, alg, model_obj=None) -> Programs:
-  key = _static_key(c, model_obj)
+  """The compiled programs of ``c`` for ``model`` (a :class:`drt_jax.models.Model`), built once
+  per process for each set of static fields, input shape and class count."""
+  key = json.dumps([_static_key(c, model_obj), list(model.input_shape), model.num_classes])
   if key not in _PROGRAM_CACHE:
     _PROGRAM_CACHE[key] = build_programs(c, model, alg)
   return _PROGRAM_CACHE[key]
@@ -796,7 +798,8 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
   # and checkpoints (never every step), checked for NaN/Inf, then kept on the host.
   buf = _buffer_from_json(host.get("metrics", {}))
   pending, pending_from = [], first + 1
-  start = last_time = time.perf_counter() - float(host.get("wall_time", 0.0))
+  last_time = time.perf_counter()  # the first rate counts this process's steps and time alone
+  start = last_time - float(host.get("wall_time", 0.0))  # wall_time runs on across a resume
   last_step = first
 
   def pull():

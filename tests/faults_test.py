@@ -30,7 +30,7 @@ def tiny_data():
 
 def _patterns(mixing, spec, n):
   """``n`` fault patterns drawn at steps 0 .. n-1, as numpy arrays."""
-  draw = jax.jit(jax.vmap(lambda step: faults.sample(jax.random.key(spec.seed), step, mixing,
+  draw = jax.jit(jax.vmap(lambda step: faults.sample(faults.stream_key(spec.seed), step, mixing,
                                                      spec)))
   return jax.device_get(draw(jnp.arange(n)))
 
@@ -97,6 +97,15 @@ class MaskedMatrixTest(parameterized.TestCase):
     got = jax.device_get(faults.counts(f, ring))
     self.assertEqual(got, {"dropped_agents": 1.0, "failed_links": 1.0, "stragglers": 0.0})
 
+  def test_fault_keys_share_nothing_with_the_run_keys(self):
+    # Fault seed and run seed are both 0 by default: the fault stream must still be its own.
+    data = lambda k: tuple(np.asarray(jax.random.key_data(k)).ravel())  # noqa: E731
+    root = jax.random.key(0)
+    run_keys = {data(root), *(data(jax.random.fold_in(root, i)) for i in range(8))}
+    fault_root = faults.stream_key(0)
+    fault_keys = {data(fault_root), *(data(jax.random.fold_in(fault_root, s)) for s in range(8))}
+    self.assertEmpty(run_keys & fault_keys)
+
   @parameterized.parameters(*drt.VARIANTS)
   def test_drt_gives_dropped_agents_and_failed_links_zero_weight(self, variant):
     topo = topology.make("ring", 8)
@@ -134,7 +143,7 @@ def _programs(c, d):
 def _pattern_at(c, state, topo):
   spec = faults.spec_from_config(c)
   base = combine_lib.as_mixing(topo, state.alg_state.count)
-  return jax.device_get(faults.sample(jax.random.key(spec.seed), state.step, base, spec))
+  return jax.device_get(faults.sample(faults.stream_key(spec.seed), state.step, base, spec))
 
 
 def _agent(tree, k):

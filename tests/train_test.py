@@ -36,6 +36,15 @@ def tiny_data(shape=(8, 8, 1), num_train=256):
 
 class TrainAndEvaluateTest(parameterized.TestCase):
 
+  def test_one_config_on_other_data_builds_its_own_programs(self):
+    # A sweep over datasets runs one config in one process: the cached programs must follow the
+    # data's classes and image shape, not the first run's.
+    c = {**TINY, "algorithm": "atc", "num_steps": 1, "eval_every": 0}
+    for d in (tiny_data(), data.synthetic(num_train=256, num_test=64, num_classes=4,
+                                          shape=(8, 8, 1), seed=0), tiny_data(shape=(6, 6, 1))):
+      history = train.train_and_evaluate(c, data=d)
+      self.assertTrue(np.isfinite(history[-1]["train_loss"]))
+
   @parameterized.parameters(*algorithms.NAMES)
   def test_every_algorithm_runs_and_reports_every_metric(self, name):
     history = train.train_and_evaluate({**TINY, "algorithm": name}, data=tiny_data())
@@ -106,7 +115,15 @@ class TrainAndEvaluateTest(parameterized.TestCase):
       ("unknown_fault", {"faults": {"crash": 0.1}}, "unknown config field 'faults.crash'"),
       ("disconnected_graph", {"topology": "erdos_renyi", "topology_options": {"p": 0.01}},
        "disconnected"),
-      ("unknown_topology_option", {"topology_options": {"radius": 2}}, "takes no option"),
+      ("unknown_topology_option", {"topology_options": {"radius": 2}},
+       "config.topology_options.radius=2 is not accepted"),
+      ("unknown_model_option", {"model_options": {"radius": 2}},
+       "config.model_options.radius=2 is not accepted; expected an option of 'mlp'"),
+      ("infinite_learning_rate", {"learning_rate": float("inf")}, "config.learning_rate=inf"),
+      ("strength_not_a_number", {"drt": {"strength": None}}, "config.drt.strength=None"),
+      ("negative_seed", {"seed": -1}, "config.seed=-1"),
+      ("agents_as_bool", {"num_agents": True}, "config.num_agents=True"),
+      ("drt_not_a_mapping", {"drt": 2.0}, "config.drt=2.0 is not accepted; expected a mapping"),
       ("unknown_weight_rule", {"topology_weights": "max_degree"},
        "config.topology_weights='max_degree'"),
       ("bad_lazy", {"lazy": 1.0}, "config.lazy=1.0"),
