@@ -123,6 +123,7 @@ def _set_host_devices(n: int) -> None:
 
 # JAX and drt_jax read XLA_FLAGS only when the first backend starts (on first use, not on
 # import), so importing them here is fine as long as nothing below touches a device at import.
+import common  # noqa: E402  (experiments/common.py)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -130,13 +131,15 @@ import op_profile  # noqa: E402  (experiments/, the script's own folder)
 import optax  # noqa: E402
 
 from drt_jax import (  # noqa: E402
-  backends,  # noqa: E402
+  algorithms,
+  backends,
   models,
   train,
 )
 from drt_jax import combine as combine_lib  # noqa: E402
 from drt_jax import config as config_lib  # noqa: E402
 from drt_jax import data as data_lib  # noqa: E402
+from drt_jax import topology as topology_lib  # noqa: E402
 
 
 class Measured(NamedTuple):
@@ -259,7 +262,6 @@ def combine_case(k_count: int, params: int, topology_name: str, reps: int) -> di
   ``params`` floats per agent (median of ``reps`` timed calls after one untimed), on one device
   and, where the ``shard`` back-end would spread K agents over several devices, on that mesh
   too (``*_mesh_ms``: as a sharded train step combines)."""
-  from drt_jax import topology as topology_lib  # noqa: PLC0415
 
   topo = topology_lib.make(topology_name, k_count)
   x = jax.random.normal(jax.random.key(0), (k_count, params), jnp.float32)
@@ -303,7 +305,6 @@ def _collective_bytes(hlo: str) -> dict:
 def combine_bytes(k_count: int, params: int, topology_name: str) -> dict:
   """Bytes moved per device by one combine of ``params`` floats per agent, agents sharded over
   the local devices (read from the compiled program's collectives)."""
-  from drt_jax import topology as topology_lib  # noqa: PLC0415
 
   split = backends.split("shard", k_count)
   topo = topology_lib.make(topology_name, k_count)
@@ -617,20 +618,39 @@ class _Sink:
 # --------------------------------------------------------------------------------------------
 
 
+def _ints(name: str) -> list[int]:
+  """A list flag of integers, or one line naming the flag."""
+  values = getattr(FLAGS, name)
+  try:
+    return [int(v) for v in values]
+  except ValueError:
+    raise app.UsageError(f"--{name}={','.join(values)}: expected integers, e.g. "
+                         f"--{name}=16,64") from None
+
+
 def _settings() -> dict:
-  s = {"models": FLAGS.models, "ks": [int(k) for k in FLAGS.ks], "batch": FLAGS.batch,
+  s = {"models": FLAGS.models, "ks": _ints("ks"), "batch": FLAGS.batch,
        "steps": FLAGS.steps, "warmup": FLAGS.warmup, "precision": FLAGS.precision,
        "conv": FLAGS.conv, "baseline_conv": FLAGS.baseline_conv or FLAGS.conv,
        "data_memory": FLAGS.data_memory,
        "data_memory_k": FLAGS.data_memory_k,
-       "combine_ks": [int(k) for k in FLAGS.combine_ks], "combine_params": FLAGS.combine_params,
+       "combine_ks": _ints("combine_ks"), "combine_params": FLAGS.combine_params,
        "combine_reps": FLAGS.combine_reps, "bytes_k": FLAGS.bytes_k}
   if FLAGS.smoke:
     s.update(models=["mlp"], ks=[2, 4], batch=4, steps=2, warmup=1, combine_ks=[8, 16],
              combine_params=256, combine_reps=2, bytes_k=8,
              data_memory=FLAGS.data_memory and "synthetic")
+  if not s["ks"]:
+    raise app.UsageError("--ks is empty; give the numbers of agents, e.g. --ks=16,64")
   if s["steps"] < 1 or s["warmup"] < 0 or s["batch"] < 1 or min(s["ks"]) < 1:
     raise app.UsageError("--steps, --batch and --ks must be >= 1 and --warmup >= 0")
+  for flag, value, names in (("algorithm", FLAGS.algorithm, algorithms.NAMES),
+                             ("compare", FLAGS.compare or "atc", algorithms.NAMES),
+                             ("topology", FLAGS.topology, topology_lib.KINDS)):
+    if value not in names:
+      raise app.UsageError(f"--{flag}: unknown {value!r}; expected one of {', '.join(names)}")
+  if os.path.isdir(FLAGS.out):
+    raise app.UsageError(f"--out={FLAGS.out} is a folder; give the JSON file to write")
   unknown = sorted(set(s["models"]) - set(_SHAPES))
   if unknown:
     raise app.UsageError(f"--models: unknown {unknown[0]!r}; expected some of "
@@ -811,4 +831,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

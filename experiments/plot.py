@@ -49,8 +49,8 @@ def load(paths: str | Sequence[str]) -> list[dict]:
           row = json.loads(line)
         except json.JSONDecodeError:
           continue  # empty, or cut short by a killed sweep
-        if row.get("status") == "ok":
-          rows[json.dumps(row.get("config", row["key"]), sort_keys=True)] = row
+        if row.get("status") == "ok" and isinstance(row.get("history"), list):
+          rows[json.dumps(row.get("config", row.get("key")), sort_keys=True)] = row
   return list(rows.values())
 
 
@@ -157,19 +157,33 @@ def main(argv):
   f = flags.FLAGS
   if not f.sweep:
     raise app.UsageError("give at least one --sweep=path.jsonl")
+  if not f.metrics:
+    raise app.UsageError("--metrics is empty; name at least one, e.g. --metrics=test_acc_mean")
+  if os.path.exists(f.out) and not os.path.isdir(f.out):
+    raise app.UsageError(f"--out={f.out} is a file; give a folder for comparison.png and "
+                         "summary.md")
   rows = load(f.sweep)
   if not rows:
     raise app.UsageError(f"no finished runs (status ok) in {', '.join(f.sweep)}")
+  known = sorted({k for r in rows for h in r["history"] for k in h} - {"step"})
+  for metric in f.metrics:
+    if metric not in known:
+      raise app.UsageError(f"--metrics: no run has {metric!r}; the runs have: {', '.join(known)}")
+  for name in f.by or ():
+    if all(_field(r.get("config", {}), name) is None for r in rows):
+      raise app.UsageError(f"--by: no run's config has {name!r}; name config fields, dotted "
+                           "for nested ones, e.g. --by=algorithm,drt.strength")
   groups = group(rows, f.by)
-  os.makedirs(f.out, exist_ok=True)
+  figure = plot(groups, os.path.join(f.out, "comparison.png"), f.metrics)
   table = summary(groups)
   with open(os.path.join(f.out, "summary.md"), "w") as fh:
     fh.write(table + "\n")
-  figure = plot(groups, os.path.join(f.out, "comparison.png"), f.metrics)
   print(table)
   print(f"\nfigure: {os.path.abspath(figure)}")
 
 
 if __name__ == "__main__":
+  import common  # noqa: PLC0415 -- experiments/common.py; here so that importing plot stays light
+
   define_flags()
-  app.run(main)
+  common.run(main)

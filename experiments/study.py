@@ -249,6 +249,9 @@ def main(argv):
 
   f = flags.FLAGS
   backends.use_host_devices(f.host_devices)
+  if f.stage == "report" and not (_tune_rows(f.out) or _final_rows(f.out)):
+    raise ValueError(f"no study results in --out={f.out}; run --stage=tune, then --stage=final, "
+                     "into it first")
   os.makedirs(f.out, exist_ok=True)
   base = base_config(f.dataset, f.smoke)
   if f.stage == "tune":

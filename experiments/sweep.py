@@ -334,6 +334,10 @@ def main(argv):
     check(f.config, todo)
   except ValueError as e:
     sys.exit(f"error: {e}")
+  if os.path.isdir(f.out):
+    sys.exit(f"error: --out={f.out} is a folder; give the JSONL file to append the runs to")
+  os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
+  open(f.out, "a").close()  # can it be written? Before any run, not after the first one
   rows = run(f.config, todo, f.out, workdir_root=f.workdir_root or None)
   print(summary_table(rows))
   print(f"\nresults: {os.path.abspath(f.out)}")
@@ -342,4 +346,4 @@ def main(argv):
 if __name__ == "__main__":
   define_flags()
   logging.set_verbosity(logging.INFO)
-  app.run(main)
+  common.run(main)

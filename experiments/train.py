@@ -73,6 +73,7 @@ def summary_table(histories: dict) -> str:
 def run_configs(c) -> dict:
   """algorithm -> resolved library config, for every algorithm of ``compare``; checks them all."""
   library, experiment = common.split(c)
+  config_lib.resolve(library)  # every field, ``algorithm`` too, even where compare replaces it
   compare = experiment.get("compare") or (library.get("algorithm", "atc"),)
   # --config.compare=drt,atc arrives as one string (or a tuple holding one).
   compare = tuple(a.strip() for item in ((compare,) if isinstance(compare, str) else compare)

@@ -99,12 +99,23 @@ class BinaryTest(absltest.TestCase):
 
   def test_bad_flags_give_one_line(self):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    for extra, expected in (("--config.bogus=1", "unknown config field 'bogus'; known fields:"),
-                            ("--config.dirichlet_alpha=0", "config.dirichlet_alpha=0.0 is not")):
+    smoke = f"--config={_EXPERIMENTS}/configs/default.py:smoke"
+    for args, expected in (
+        ([smoke, "--config.bogus=1"], "unknown config field 'bogus'; known fields:"),
+        ([smoke, "--config.drt.bogus=1"],
+         "unknown config field 'drt.bogus'; known fields of drt: eps, floor"),
+        ([smoke, "--config.dirichlet_alpha=0"], "config.dirichlet_alpha=0.0 is not"),
+        ([smoke, "--config.learning_rate=inf"], "config.learning_rate=inf is not"),
+        # The smoke config compares drt and atc, which replace the algorithm: still checked.
+        ([smoke, "--config.algorithm=bogus"], "config.algorithm='bogus' is not"),
+        # Options reach the config from the command line (3 arrives as an int), and are checked.
+        ([smoke, "--config.topology_options.rows=3"],
+         "config.topology_options.rows=3 is not accepted; expected an option of 'ring'"),
+        ([f"--config={_EXPERIMENTS}/configs/bogus.py"], "No such file or directory"),
+        ([f"{smoke}x"], "unknown variant 'smokex'")):
       proc = subprocess.run(
-          [sys.executable, os.path.join(_EXPERIMENTS, "train.py"),
-           f"--config={_EXPERIMENTS}/configs/default.py:smoke", "--workdir=/nonexistent/x",
-           extra], capture_output=True, text=True, env=env, timeout=120, check=False)
+          [sys.executable, os.path.join(_EXPERIMENTS, "train.py"), "--workdir=/nonexistent/x",
+           *args], capture_output=True, text=True, env=env, timeout=120, check=False)
       self.assertEqual(proc.returncode, 1, proc.stderr[-2000:])
       last = proc.stderr.strip().splitlines()[-1]
       self.assertTrue(last.startswith("error: "), proc.stderr[-2000:])

@@ -295,6 +295,22 @@ class CommandLineTest(_TempDirs):
     self.assertTrue(os.path.exists(os.path.join(plots, "comparison.png")))
     self.assertTrue(os.path.exists(os.path.join(plots, "summary.md")))
 
+    # Bad input: one line, before anything is trained or written.
+    for argv, expected in (
+        (cmd[:-1] + [f"--out={tmp}", "--grid=seed=0"], f"error: --out={tmp} is a folder"),
+        ([sys.executable, os.path.join(_EXPERIMENTS, "plot.py"), f"--sweep={out}",
+          f"--out={plots}_typo", "--metrics=test_acc_meen"],
+         "error: --metrics: no run has 'test_acc_meen'; the runs have: "),
+        ([sys.executable, os.path.join(_EXPERIMENTS, "plot.py"), f"--sweep={tmp}",
+          f"--out={plots}_typo"], "error: [Errno 21] Is a directory")):
+      proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120,
+                            check=False)
+      self.assertEqual(proc.returncode, 1, proc.stderr[-3000:])
+      lines = proc.stderr.strip().splitlines()
+      self.assertLen(lines, 1, proc.stderr[-3000:])
+      self.assertStartsWith(lines[0], expected)
+    self.assertFalse(os.path.exists(f"{plots}_typo"))
+
 
 if __name__ == "__main__":
   absltest.main()
