@@ -98,7 +98,12 @@ def triton_ir(channels: int, size: int, dtype: str, rows: int | None = None, k: 
   pin = None
   if rows is not None:  # the rows only shape the IR; warps and stages are compile options
     pin = (rows, *conv_grad.launch(9, channels, jnp.dtype(dtype).itemsize)[1:])
-  with conv_grad.pinned_launch(pin), _captured_triton_modules() as modules:
+  # Pallas reads the GPU it lowers for from the abstract mesh (newer JAX needs one without a
+  # GPU present): lowered as for an H100; --arch picks ptxas's target.
+  gpu = jax.sharding.AbstractDevice("NVIDIA H100 80GB HBM3", None, "gpu")
+  mesh = jax.sharding.AbstractMesh((1,), ("one",), abstract_device=gpu)
+  with (conv_grad.pinned_launch(pin), _captured_triton_modules() as modules,
+        jax.sharding.use_abstract_mesh(mesh)):
     export.export(jax.jit(f), platforms=["cuda"], disabled_checks=[
         export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(x, x)
   if len(modules) != 1:

@@ -118,11 +118,18 @@ class KernelGradTest(parameterized.TestCase):
     self.assertFalse(conv_grad.supported(16, 64, (5, 5), 4))
 
 
-def _cuda_module(fn, *args) -> str:
+# Pallas reads the GPU it lowers for from the abstract mesh's device (newer JAX has no fallback
+# without a GPU present): an H100, for lowering only.
+_GPU = jax.sharding.AbstractDevice("NVIDIA H100 80GB HBM3", None, "gpu")
+
+
+def _cuda_module(fn, *args, mesh=None) -> str:
   """``fn`` lowered for CUDA on this machine: Pallas emits Triton IR, nothing is compiled."""
   triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
-  return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(
-      *args).mlir_module()
+  mesh = mesh or jax.sharding.AbstractMesh((1,), ("one",), abstract_device=_GPU)
+  with jax.sharding.use_abstract_mesh(mesh):
+    return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(
+        *args).mlir_module()
 
 
 class CudaLoweringTest(parameterized.TestCase):
@@ -141,14 +148,15 @@ class CudaLoweringTest(parameterized.TestCase):
     self.assertIn("grid_z = 64", text)  # the agent axis
 
   def test_lowers_inside_shard_map(self):
-    """The shard back-end's program: agents split over a mesh, each device vmapping its own."""
-    mesh = jax.make_mesh((4,), ("agents",))
+    """The shard back-end's program: agents split over a mesh, each device vmapping its own.
+    The mesh is abstract, of GPUs (see _GPU)."""
+    mesh = jax.sharding.AbstractMesh((4,), ("agents",), abstract_device=_GPU)
     f = jax.shard_map(jax.vmap(lambda x, dy: conv_grad.kernel_grad(
         x, dy, (3, 3), ((1, 1), (1, 1)))), mesh=mesh, in_specs=(P("agents"), P("agents")),
         out_specs=P("agents"))
     sharded = NamedSharding(mesh, P("agents"))
     x = jax.ShapeDtypeStruct((8, 2, 8, 8, 16), jnp.float32, sharding=sharded)
-    self.assertEqual(_cuda_module(f, x, x).count("__gpu$xla.gpu.triton"), 1)
+    self.assertEqual(_cuda_module(f, x, x, mesh=mesh).count("__gpu$xla.gpu.triton"), 1)
 
   def test_the_model_step_has_no_grouped_kernel_gradient(self):
     """A small ResNet-20's vmapped gradient lowers for CUDA with conv='xla_dw_pallas': every
