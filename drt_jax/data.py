@@ -140,6 +140,12 @@ def _mix32(x):
   return x ^ (x >> 16)
 
 
+# Feistel rounds of the sampling permutation. Four left small domains strongly biased (n = 5:
+# some orders ~9x as likely as others, chi-square p ~ 1e-117 over 20,000 epochs); ten, as
+# NIST's FF1 format-preserving encryption uses, pass a uniformity test (tests/pipeline_test.py).
+ROUNDS = 10
+
+
 def permute(i, n, round_keys):
   """Position ``i`` of a keyed pseudo-random permutation of ``[0, n)``, in O(1) per position.
 
@@ -151,7 +157,8 @@ def permute(i, n, round_keys):
   Args:
     i: uint32 positions in ``[0, n)``.
     n: the domain size (a traced scalar is fine), ``1 <= n < 2**31``.
-    round_keys: uint32 ``[R]``, one key per Feistel round.
+    round_keys: uint32 ``[R]``, one key per Feistel round (:data:`ROUNDS` for uniform orders
+      on small domains).
   """
   n = jnp.asarray(n, jnp.uint32)
   bits = jnp.uint32(32) - jax.lax.clz(jnp.maximum(n - 1, 1))  # bits to write n - 1
@@ -184,7 +191,7 @@ def sample_indices(key, step, idx_KxN, counts_K, batch_size: int):
   def one(key_k, idx, count):
     t = step * batch_size + jnp.arange(batch_size)
     epoch, offset = t // count, t % count
-    round_keys = jax.vmap(lambda e: jax.random.bits(jax.random.fold_in(key_k, e), (4,),
+    round_keys = jax.vmap(lambda e: jax.random.bits(jax.random.fold_in(key_k, e), (ROUNDS,),
                                                     jnp.uint32))(epoch)
     slot = jax.vmap(lambda o, rk: permute(o, count, rk))(offset, round_keys)
     return idx[slot]
