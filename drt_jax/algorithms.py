@@ -32,6 +32,7 @@ A time-varying topology is indexed by the step count kept in the state, so the c
 never changes.
 """
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -290,7 +291,22 @@ def make(name: str, local_optimizer: optax.GradientTransformation, **kw) -> Algo
   """
   if name not in ALGORITHMS:
     raise ValueError(f"unknown algorithm {name!r}; expected one of: {', '.join(NAMES)}")
+  if not (callable(getattr(local_optimizer, "init", None))
+          and callable(getattr(local_optimizer, "update", None))):
+    raise ValueError(f"local_optimizer={local_optimizer!r} is not an optax "
+                     "GradientTransformation; pass one, e.g. optax.sgd(0.1)")
+  unknown = sorted(set(kw) - set(options(name)))
+  if unknown:
+    raise ValueError(f"algorithm {name!r} takes no option {unknown[0]!r}; its options: "
+                     f"{', '.join(options(name))}")
   return ALGORITHMS[name](local_optimizer, **kw)
+
+
+def options(name: str) -> tuple[str, ...]:
+  """The keyword options :func:`make` passes to algorithm ``name``."""
+  fn = drt_diffusion if uses_drt(name) else ALGORITHMS[name]
+  return tuple(n for n in inspect.signature(fn).parameters
+               if n not in ("local_optimizer", "variant"))
 
 
 def uses_drt(name: str) -> bool:

@@ -305,6 +305,15 @@ class MakeTest(parameterized.TestCase):
     for name in algorithms.NAMES:
       self.assertIn(name, str(ctx.exception))
 
+  def test_unknown_options_and_a_non_optimizer_are_named(self):
+    with self.assertRaisesRegex(ValueError, "algorithm 'atc' takes no option 'strength'; its "
+                                "options: comm_every"):
+      algorithms.make("atc", optax.sgd(0.1), strength=1.0)
+    with self.assertRaisesRegex(ValueError, "'drt' takes no option 'rho'; its options: strength"):
+      algorithms.make("drt", optax.sgd(0.1), rho=1.0)
+    with self.assertRaisesRegex(ValueError, "not an optax GradientTransformation"):
+      algorithms.make("atc", "sgd")
+
   @parameterized.named_parameters(*_NAMES)
   def test_comm_every_must_be_positive(self, name):
     for bad in (0, -1):
