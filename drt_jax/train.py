@@ -716,8 +716,9 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
   d = data_lib.as_data(data) if data is not None else load_data(c)
   prepared = prepare_data(c, d)
   d = prepared.data
+  digest = _data_digest(prepared)
   if jax.process_count() > 1:
-    distributed.check_agreement({"data": _data_digest(prepared)},
+    distributed.check_agreement({"data": digest},
                                 "give every process the same dataset (and agent_indices)")
   backends.check(c.backend, c.num_agents, c.chunk_size or None)
   topo = make_topology(c)
@@ -764,6 +765,10 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
     if int(state.step) != resume_step:
       raise ValueError(f"checkpoint {resume_step} in {ckpt.path} holds step {int(state.step)}; "
                        "remove the checkpoints folder or use overwrite")
+    if host.get("data", digest) != digest:  # same config, other data: not the same run
+      raise ValueError(f"checkpoint {resume_step} in {ckpt.path} was trained on other data "
+                       f"({host['data'][:60]}...; now {digest[:60]}...); pass that data, or "
+                       "overwrite=True (--overwrite) to start afresh")
     rows = read_metrics(workdir, up_to=resume_step)
     logging.info("workdir %s: resuming from the checkpoint of step %d (%d metric rows kept)",
                  workdir, resume_step, len(rows))
@@ -890,7 +895,7 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
         evaluate(step)
       if saves:  # after the row of this step, so a checkpoint never runs ahead of the metrics
         ckpt.save(step, state, {"step": step, "metrics": _buffer_to_json(buf),
-                                "wall_time": time.perf_counter() - start})
+                                "wall_time": time.perf_counter() - start, "data": digest})
   finally:
     if ckpt is not None:
       ckpt.close()

@@ -130,6 +130,10 @@ class ResumeTest(parameterized.TestCase):
     with tempfile.TemporaryDirectory() as workdir:
       train.train_and_evaluate(c, workdir, tiny_data())
       self.assertEqual(checkpoint.latest_step(workdir), 4)
+      other = data.synthetic(num_train=256, num_test=64, shape=(8, 8, 1), seed=1)
+      with self.assertRaisesRegex(ValueError, "checkpoint 4 in .* was trained on other data"):
+        train.train_and_evaluate(c, workdir, other)  # same config, other data: refused
+      self.assertEqual(len(_rows(workdir)), 3)  # untouched on refusal
       with self.assertRaisesRegex(ValueError, "different config"):
         train.train_and_evaluate({**c, "num_steps": 2}, workdir, tiny_data())
       self.assertEqual(checkpoint.latest_step(workdir), 4)  # untouched on refusal
