@@ -746,7 +746,8 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
                             stacked=False)
   topo = dataclasses.replace(topo, **place({"nbr_idx": topo.nbr_idx, "nbr_w": topo.nbr_w}))
   eval_sets = place(eval_sets)
-  bytes_sent = metrics_lib.bytes_per_agent_step(topo, metrics_lib.tree_bytes(state.params),
+  shared = (state.params, state.model_state) if c.combine_batch_stats else state.params
+  bytes_sent = metrics_lib.bytes_per_agent_step(topo, metrics_lib.tree_bytes(shared),
                                                 c.comm_every, c.algorithm != "local")
 
   def resume_on_main():

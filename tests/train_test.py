@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from drt_jax import algorithms, backends, config, data, models, topology, train
+from drt_jax import algorithms, backends, config, data, metrics, models, topology, train
 
 TINY = {
     "num_agents": 4, "model": "mlp", "model_options": {"hidden": (16,)}, "batch_size": 8,
@@ -383,6 +383,19 @@ class CompiledStepTest(parameterized.TestCase):
     spread = lambda tree: max(float(jnp.max(jnp.abs(x - x[:1]))) for x in jax.tree.leaves(tree))  # noqa: E731
     self.assertGreater(spread(stats[False]), 1e-4)  # local statistics differ across agents
     self.assertLess(spread(stats[True]), 1e-6)  # uniform averaging makes them equal
+
+  def test_shared_batch_stats_count_in_the_bytes_sent(self):
+    d = tiny_data(shape=(12, 12, 1))
+    opts = {"features": (4, 8, 8), "hidden": 16, "batch_norm": True}
+    c = {**TINY, "model": "cnn", "model_options": opts, "num_steps": 1, "eval_every": 0}
+    sent = {s: train.train_and_evaluate({**c, "combine_batch_stats": s}, data=d)[-1][
+        "bytes_per_agent_step"] for s in (False, True)}
+    variables = train.make_model(config.resolve(c), d).init(jax.random.key(0))
+    stats = {k: v for k, v in variables.items() if k != "params"}
+    ratio = metrics.tree_bytes(variables, stacked=False) / metrics.tree_bytes(
+        variables["params"], stacked=False)
+    self.assertNotEmpty(jax.tree.leaves(stats))
+    self.assertAlmostEqual(sent[True] / sent[False], ratio, places=6)
 
 
 class AgentsFiniteTest(absltest.TestCase):
