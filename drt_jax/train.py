@@ -716,8 +716,9 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
   d = data_lib.as_data(data) if data is not None else load_data(c)
   prepared = prepare_data(c, d)
   d = prepared.data
-  digest = _data_digest(prepared)
+  digest = None  # hashed only where processes compare it or checkpoints carry it
   if jax.process_count() > 1:
+    digest = _data_digest(prepared)
     distributed.check_agreement({"data": digest},
                                 "give every process the same dataset (and agent_indices)")
   backends.check(c.backend, c.num_agents, c.chunk_size or None)
@@ -760,6 +761,7 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
   ckpt = None
   if workdir and (c.checkpoint_every or resume_step is not None):
     ckpt = checkpoint_lib.Checkpoints(workdir, c.keep_checkpoints)
+    digest = digest or _data_digest(prepared)
   rows, host = [], {}
   if resume_step is not None:
     state, host = ckpt.restore(state, resume_step)

@@ -329,13 +329,10 @@ def main(argv):
   backends.use_host_devices(f.host_devices)
   if f.config is None:
     sys.exit("error: --config is required, e.g. --config=experiments/configs/default.py:smoke")
-  try:
-    todo = points(parse_grid(f.grid))
-    check(f.config, todo)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+  todo = points(parse_grid(f.grid))  # bad input: a ValueError, one line from common.run
+  check(f.config, todo)
   if os.path.isdir(f.out):
-    sys.exit(f"error: --out={f.out} is a folder; give the JSONL file to append the runs to")
+    raise ValueError(f"--out={f.out} is a folder; give the JSONL file to append the runs to")
   os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
   open(f.out, "a").close()  # can it be written? Before any run, not after the first one
   rows = run(f.config, todo, f.out, workdir_root=f.workdir_root or None)
