@@ -34,10 +34,18 @@ the diagonal; symmetric (hence doubly stochastic) on undirected graphs. On direc
 in-degree: the columns still sum to one, and on the regular directed graphs above it coincides with
 ``uniform``. ``uniform``: a_lk = 1 / (1 + d_k) for every l in N_k (symmetric only on regular
 graphs).
+
+Scale: :func:`make` never builds a K x K matrix. Graphs are edge lists made with vectorised numpy,
+the weights, checks and neighbour lists take O(K D) work, and connectivity is a breadth-first
+search over the lists (or, for circulant graphs, whether their grid offsets generate the grid), so
+a ring, torus, exponential or Erdős–Rényi graph of 100,000 agents builds in seconds
+(``benchmarks/topology_scale.py``). :meth:`Topology.dense` stays the K x K reference;
+:meth:`Topology.slem` is exact for circulant graphs at any K and NaN past a size for the rest.
 """
 
 import dataclasses
 import inspect
+import itertools
 import math
 
 import jax
@@ -48,6 +56,12 @@ from drt_jax.types import Mixing, Shifts
 
 WEIGHT_RULES = ("metropolis", "uniform")
 _ATOL = 1e-6
+# slem() of a graph that is not circulant: dense eigenvalues up to this K (the values of earlier
+# versions), ARPACK on a static matrix up to _SLEM_SPARSE_MAX, NaN beyond (where it would cost
+# more than the build; on 2 CPU cores ARPACK takes about a second at K = 20,000 on a slowly
+# mixing grid, and much longer when other processes compete for the cores).
+_SLEM_DENSE_MAX = 256
+_SLEM_SPARSE_MAX = 20_000
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -105,25 +119,46 @@ class Topology:
   @property
   def symmetric(self) -> bool:
     """Whether every matrix of the period equals its transpose (then rows sum to one too)."""
-    return all(np.allclose(a, a.T, atol=_ATOL) for a in self.dense_schedule())
+    return all(_symmetric_list(self.nbr_idx[t], self.nbr_w[t]) for t in range(self.period))
 
   def num_edges(self, step: int = 0) -> int:
     """Directed links (l -> k, l != k) with positive weight at ``step``."""
-    a = self.dense(step)
-    return int(np.count_nonzero(a - np.diag(np.diag(a)) > 0))
+    _, a = _entries(*self._step(step))
+    return int(np.count_nonzero(a > 0))
+
+  def _step(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    t = step % self.period
+    return np.asarray(self.nbr_idx)[t], np.asarray(self.nbr_w)[t]
 
   def slem(self) -> float:
     """Second-largest eigenvalue modulus, the per-step rate at which disagreement contracts.
 
     For a time-varying schedule, the SLEM of the product over one period, to the power 1/T.
+
+    Circulant graphs (ring, torus, exponential, one-peer exponential, full, with weights equal
+    across agents; any K) take the eigenvalues from the DFT of their stencil, multiplied over the
+    period. Other graphs: dense eigenvalues up to K = 256; for a static matrix, ARPACK (scipy) up
+    to K = 20,000. Otherwise -- a larger graph, a time-varying one that is not circulant (ARPACK's
+    largest-modulus search is unreliable on the clustered spectra of such products), ARPACK not
+    converging within its budget, or scipy missing -- the result is **NaN**: not computed,
+    because it would cost more than building the graph.
     """
-    prod = np.eye(self.num_agents)
-    for a in self.dense_schedule():
-      prod = prod @ a
-    mods = np.sort(np.abs(np.linalg.eigvals(prod)))[::-1]
-    mods[mods < 1e-10] = 0.0  # rounding noise of an exact average; its 1/T-th root would not be
-    second = float(mods[1]) if len(mods) > 1 else 0.0
-    return second ** (1.0 / self.period)
+    idx, w = np.asarray(self.nbr_idx), np.asarray(self.nbr_w, np.float64)
+    if self.num_agents == 1:
+      return 0.0
+    if idx.shape[-1] == 1:  # diagonal matrices: their entries are the eigenvalues
+      return _second_modulus(np.abs(np.prod(w[..., 0], axis=0)), self.period)
+    spectrum = _circulant_spectrum(idx, w, self.shifts)
+    if spectrum is not None:
+      return _second_modulus(np.abs(spectrum), self.period)
+    if self.num_agents <= _SLEM_DENSE_MAX:
+      prod = np.eye(self.num_agents)
+      for a in self.dense_schedule():
+        prod = prod @ a
+      return _second_modulus(np.abs(np.linalg.eigvals(prod)), self.period)
+    if self.period == 1 and self.num_agents <= _SLEM_SPARSE_MAX:
+      return _slem_arpack(idx[0], w[0])
+    return math.nan
 
   def spectral_gap(self) -> float:
     """``1 - slem()``: larger means faster mixing."""
@@ -182,18 +217,70 @@ def to_dense(nbr_idx: np.ndarray, nbr_w: np.ndarray) -> np.ndarray:
   return a
 
 
-def _to_neighbour_list(mats: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-  """``[T, K, K]`` dense matrices -> padded lists ``[T, K, width]`` (self first)."""
-  t_count, k_count, _ = mats.shape
-  idx = np.tile(np.arange(k_count, dtype=np.int32)[None, :, None], (t_count, 1, width))
-  w = np.zeros((t_count, k_count, width), np.float32)
-  for t in range(t_count):
-    for k in range(k_count):
-      others = [l for l in np.flatnonzero(mats[t, :, k] != 0) if l != k]
-      idx[t, k, 1:1 + len(others)] = others
-      w[t, k, 0] = mats[t, k, k]
-      w[t, k, 1:1 + len(others)] = mats[t, others, k]
+def _padded(k_count: int, steps) -> tuple[np.ndarray, np.ndarray]:
+  """Per-step links -> padded lists ``[T, K, D]`` (float64 weights), D = 1 + the most links.
+
+  ``steps`` holds one ``(l, k, a_lk, a_kk)`` per step: links l -> k sorted by (k, l), their
+  weights, and the ``[K]`` self-weights. Slot 0 is k itself, then its neighbours in ascending l.
+  """
+  width = 1 + max(int(np.bincount(k, minlength=k_count).max()) for _, k, _, _ in steps)
+  idx = np.tile(np.arange(k_count, dtype=np.int32)[None, :, None], (len(steps), 1, width))
+  w = np.zeros((len(steps), k_count, width))
+  for t, (l, k, a, a_self) in enumerate(steps):
+    slot = 1 + np.arange(k.size) - np.searchsorted(k, k)  # rank within k's group
+    idx[t, k, slot] = l
+    w[t, k, slot] = a
+    w[t, :, 0] = a_self
   return idx, w
+
+
+def _links(a: np.ndarray):
+  """A dense matrix's off-diagonal nonzeros as ``(l, k, a_lk, diag)``, sorted by (k, l)."""
+  k, l = np.nonzero(a.T)
+  keep = k != l
+  k, l = k[keep], l[keep]
+  return l, k, a[l, k], np.diag(a).copy()
+
+
+def _entries(idx: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """One step's off-diagonal nonzeros ``A[l, k]`` as sorted codes ``k * K + l`` and values.
+
+  Repeated slots add up, in list order, as in :func:`to_dense`.
+  """
+  k_count = idx.shape[0]
+  k = np.broadcast_to(np.arange(k_count)[:, None], idx.shape)
+  live = (idx != k) & (w != 0)
+  code = k[live].astype(np.int64) * k_count + idx[live]
+  order = np.argsort(code, kind="stable")
+  code, a = code[order], w[live].astype(np.float64)[order]
+  if not code.size:
+    return code, a
+  first = np.flatnonzero(np.concatenate([[True], code[1:] != code[:-1]]))
+  return (code, a) if first.size == code.size else (code[first], np.add.reduceat(a, first))
+
+
+def _symmetric_list(idx: np.ndarray, w: np.ndarray) -> bool:
+  """``np.allclose(A, A.T, atol=_ATOL)`` for one step's lists, without the dense A."""
+  idx, w = np.asarray(idx), np.asarray(w)
+  if not np.all(np.isfinite(w)):  # rare; the dense comparison has the exact inf/nan rules
+    a = to_dense(idx, w)
+    return bool(np.allclose(a, a.T, atol=_ATOL))
+  k_count = idx.shape[0]
+  code, a = _entries(idx, w)
+  if not code.size:
+    return True
+  mirror = (code % k_count) * k_count + code // k_count  # where each value sits in A.T
+  order = np.argsort(mirror)
+  code_t, a_t = mirror[order], a[order]  # the entries of A.T, sorted
+  at = np.minimum(np.searchsorted(code, code_t), code.size - 1)
+  found = code[at] == code_t
+  a_here = np.where(found, a[at], 0.0)  # A where A.T has an entry
+  # allclose(A, A.T) compares A[l, k] with A[k, l] and A[k, l] with A[l, k]: rtol on the smaller
+  rtol = 1e-5
+  close = np.abs(a_here - a_t) <= _ATOL + rtol * np.minimum(np.abs(a_here), np.abs(a_t))
+  alone = np.ones(code.size, bool)
+  alone[at[found]] = False  # A's entries where A.T is zero
+  return bool(np.all(close) and np.all(np.abs(a[alone]) <= _ATOL))
 
 
 def check_matrix(a: np.ndarray, num_agents: int | None = None, name: str = "A") -> None:
@@ -204,24 +291,92 @@ def check_matrix(a: np.ndarray, num_agents: int | None = None, name: str = "A") 
   if num_agents is not None and a.shape[0] != num_agents:
     raise ValueError(f"{name} is for K={a.shape[0]} agents but the run has K={num_agents}; "
                      "build the topology with the run's number of agents")
+  _check_columns(a, a.sum(axis=0), name)
+
+
+def _check_columns(a: np.ndarray, sums: np.ndarray, name: str) -> None:
+  """The checks of :func:`check_matrix` on the weights ``a`` (a matrix or one step's lists)
+  and its per-agent column sums."""
   if not np.all(np.isfinite(a)):
     raise ValueError(f"{name} has non-finite entries; every weight must be a finite number >= 0")
   if np.any(a < -_ATOL):
     raise ValueError(f"{name} has negative weights (min {a.min():.3g}); weights must be >= 0")
-  sums = a.sum(axis=0)
   bad = np.flatnonzero(np.abs(sums - 1.0) > _ATOL)
   if bad.size:
     raise ValueError(f"{name}: column {bad[0]} sums to {sums[bad[0]]:.6g}, not 1; columns of "
                      "A[l, k] = a_lk must sum to one (transpose a row-stochastic matrix)")
 
 
+# --------------------------------------------------------------------------------------------
+# Connectivity: breadth-first search over the links, O(edges).
+
+
+def _reaches_all(k_count: int, src: np.ndarray, dst: np.ndarray) -> bool:
+  """Whether agent 0 reaches every agent along the links ``src -> dst``, breadth first.
+
+  One vectorised step per level: the frontier's links are gathered from a compressed (CSR)
+  copy of the links sorted by source.
+  """
+  dst = dst[np.argsort(src)]
+  start = np.zeros(k_count + 1, np.int64)
+  np.cumsum(np.bincount(src, minlength=k_count), out=start[1:])
+  seen = np.zeros(k_count, bool)
+  seen[0] = True
+  frontier = np.zeros(1, np.int64)
+  while frontier.size:
+    first, count = start[frontier], start[frontier + 1] - start[frontier]
+    end = np.cumsum(count)
+    if not end[-1]:
+      break
+    nxt = dst[np.repeat(first - end + count, count) + np.arange(end[-1])]
+    nxt = nxt[~seen[nxt]]
+    seen[nxt] = True
+    nxt.sort()
+    frontier = nxt[np.concatenate([[True], nxt[1:] != nxt[:-1]])] if nxt.size else nxt
+  return bool(seen.all())
+
+
+def _strongly_connected_links(k_count: int, l: np.ndarray, k: np.ndarray,
+                              both_ways: bool = False) -> bool:
+  """Every agent hears from every other along the links ``l -> k`` (k listens to l): a search
+  from agent 0 along the links and one against them both reach everyone (one suffices when
+  every link comes ``both_ways``)."""
+  l, k = np.asarray(l, np.int64), np.asarray(k, np.int64)
+  return k_count <= 1 or (_reaches_all(k_count, l, k)
+                          and (both_ways or _reaches_all(k_count, k, l)))
+
+
 def _strongly_connected(adj: np.ndarray) -> bool:
   """``adj[l, k]`` true when k hears from l; every agent must reach every other."""
-  n = adj.shape[0]
-  reach = adj | np.eye(n, dtype=bool)
-  for _ in range(max(1, math.ceil(math.log2(max(n, 2))))):
-    reach = reach | ((reach.astype(np.int64) @ reach.astype(np.int64)) > 0)
-  return bool(reach.all())
+  return _strongly_connected_links(adj.shape[0], *np.nonzero(adj),
+                                   both_ways=np.array_equal(adj, adj.T))
+
+
+def _lists_connected(idx: np.ndarray, w: np.ndarray, both_ways: bool = False) -> bool:
+  """Strong connectivity of the union over the period of the lists' links (nonzero weights)."""
+  k = np.broadcast_to(np.arange(idx.shape[1])[None, :, None], idx.shape)
+  live = (w != 0) & (idx != k)
+  return _strongly_connected_links(idx.shape[1], idx[live], k[live], both_ways)
+
+
+def _generates(grid: tuple, offsets) -> bool:
+  """Whether grid ``offsets`` generate the group of the ``grid`` (1-D or 2-D, with wrap-around).
+
+  A circulant graph is a Cayley graph on that group, strongly connected exactly when its
+  offsets generate it: in 1-D when gcd(K, offsets) = 1; in 2-D when the lattice spanned by the
+  offsets and the grid's periods (rows, 0), (0, cols) is all of Z^2, i.e. the gcd of its 2 x 2
+  minors is 1.
+  """
+  if len(grid) == 1:
+    return math.gcd(grid[0], *(int(o[0]) for o in offsets)) == 1
+  rows, cols = grid
+  vecs = [tuple(int(v) for v in o) for o in offsets] + [(rows, 0), (0, cols)]
+  return math.gcd(*(a * d - b * c for (a, b), (c, d) in itertools.combinations(vecs, 2))) == 1
+
+
+def _disconnected(what: str) -> ValueError:
+  return ValueError(f"{what} is disconnected (over one period): some agents can never hear from "
+                    "others; use a connected graph")
 
 
 def check_connected(mats: np.ndarray, what: str) -> None:
@@ -229,8 +384,7 @@ def check_connected(mats: np.ndarray, what: str) -> None:
   connected (information from every agent reaches every other within one period)."""
   adj = (np.abs(np.asarray(mats)) > 0).any(axis=0)
   if not _strongly_connected(adj):
-    raise ValueError(f"{what} is disconnected (over one period): some agents can never hear from "
-                     "others; use a connected graph")
+    raise _disconnected(what)
 
 
 def from_matrices(mats, *, kind: str = "custom", check_connectivity: bool = True) -> Topology:
@@ -246,15 +400,11 @@ def from_matrices(mats, *, kind: str = "custom", check_connectivity: bool = True
     raise ValueError(f"combination matrices have shape {mats.shape}; expected [K, K] or [T, K, K]")
   for t, a in enumerate(mats):
     check_matrix(a, name=f"{kind} matrix at step {t}" if len(mats) > 1 else f"{kind} matrix")
-  if check_connectivity:
-    check_connected(mats, f"the {kind} graph")
-  off = mats.copy()
-  k_count = mats.shape[-1]
-  off[:, np.arange(k_count), np.arange(k_count)] = 0
-  width = 1 + int((off != 0).sum(axis=1).max()) if k_count > 1 else 1
-  idx, w = _to_neighbour_list(mats, width)
-  idx, w, shifts = circulant_order(idx, w)
+  idx, w = _padded(mats.shape[-1], [_links(a) for a in mats])
   directed = not all(np.array_equal(a != 0, (a != 0).T) for a in mats)
+  if check_connectivity and not _lists_connected(idx, w, both_ways=not directed):
+    raise _disconnected(f"the {kind} graph")
+  idx, w, shifts = circulant_order(idx, w.astype(np.float32))
   return Topology(idx, w, kind=kind, directed=directed, shifts=shifts)
 
 
@@ -276,54 +426,158 @@ def circulant_order(idx: np.ndarray, w: np.ndarray):
   t_count, k_count, width = idx.shape
   if k_count < 2 or width < 2 or width - 1 > MAX_ROLLS:
     return idx, w, None
+  return _circulant(idx, w) or (idx, w, None)
+
+
+def _offset_codes(idx_t: np.ndarray, live_t: np.ndarray, agents: np.ndarray, grid: tuple):
+  """Grid offsets from each of ``agents`` to its listed neighbours, as row-major codes (their
+  order is the lexicographic order of the offsets), sorted per agent; dead slots code K last.
+  Returns ``(codes, slot order)``, both ``[len(agents), D]``."""
+  here = np.unravel_index(agents, grid)
+  there = np.unravel_index(idx_t[agents], grid)
+  off = tuple((b - a[:, None]) % n for a, b, n in zip(here, there, grid))
+  code = np.where(live_t[agents], np.ravel_multi_index(off, grid), math.prod(grid))
+  order = np.argsort(code, axis=1, kind="stable")
+  return np.take_along_axis(code, order, axis=1), order
+
+
+def _circulant(idx: np.ndarray, w: np.ndarray):
+  """:func:`circulant_order` without the limit on the number of slots; None when not circulant
+  (the support only: the weights may still differ between agents)."""
+  t_count, k_count, width = idx.shape
+  agents = np.arange(k_count)
+  sample = agents[:64]  # a mismatch among the first agents rejects a grid cheaply
   for grid in _grids(k_count):
-    pos = np.stack(np.unravel_index(np.arange(k_count), grid), axis=-1)  # [K, axes]
-    new_idx, new_w, table = idx.copy(), w.copy(), []
+    steps = []
     for t in range(t_count):
-      offsets = (pos[idx[t]] - pos[:, None, :]) % np.array(grid)  # [K, D, axes]
       live = w[t] > 0
       live[:, 0] = False
-      sets = {tuple(sorted(map(tuple, offsets[k][live[k]]))) for k in range(k_count)}
-      if len(sets) != 1:
+      codes, _ = _offset_codes(idx[t], live, sample, grid)
+      if np.any(codes != codes[:1]):
         break
-      (order,) = sets
-      if len(order) > width - 1 or len(set(order)) != len(order):
+      codes, order = _offset_codes(idx[t], live, agents, grid)
+      row = codes[0][codes[0] < k_count]
+      if np.any(codes != codes[:1]) or np.any(row[1:] == row[:-1]):
         break
-      row = [tuple(0 for _ in grid)] + list(order)
-      row += [row[0]] * (width - len(row))  # padding slots: the agent itself, weight 0
-      for k in range(k_count):
-        slot = {tuple(o): j for j, o in enumerate(offsets[k]) if live[k, j]}
-        for j, off in enumerate(row[1:], 1):
-          if j <= len(order):
-            new_idx[t, k, j] = idx[t, k, slot[off]]
-            new_w[t, k, j] = w[t, k, slot[off]]
-          else:
-            new_idx[t, k, j], new_w[t, k, j] = k, 0.0
-      table.append(tuple(tuple(int(o) for o in off) for off in row))
+      steps.append((row, order[:, :row.size]))
     else:
+      new_idx, new_w, table = idx.copy(), w.copy(), []
+      zero = tuple(0 for _ in grid)
+      for t, (row, order) in enumerate(steps):
+        n = row.size
+        new_idx[t, :, 1:] = agents[:, None]
+        new_w[t, :, 1:] = 0.0  # padding slots: the agent itself, weight 0
+        new_idx[t, :, 1:1 + n] = np.take_along_axis(idx[t], order, axis=1)
+        new_w[t, :, 1:1 + n] = np.take_along_axis(w[t], order, axis=1)
+        offsets = [tuple(int(o) for o in off) for off in zip(*np.unravel_index(row, grid))]
+        table.append(tuple([zero] + offsets + [zero] * (width - 1 - n)))
       return new_idx, new_w, Shifts(tuple(grid), tuple(table))
-  return idx, w, None
+  return None
 
 
 def identity(num_agents: int) -> Topology:
   """No communication: ``A = I`` (the ``local`` baseline)."""
-  return from_matrices(np.eye(num_agents), kind="identity", check_connectivity=False)
+  return Topology(np.arange(num_agents, dtype=np.int32).reshape(1, num_agents, 1),
+                  np.ones((1, num_agents, 1), np.float32), kind="identity")
 
 
 # --------------------------------------------------------------------------------------------
-# Graphs as adjacency: adj[l, k] is True when k listens to l (l != k).
+# Spectrum.
 
 
-def _undirected(num_agents: int, pairs) -> np.ndarray:
-  adj = np.zeros((num_agents, num_agents), bool)
-  for a, b in pairs:
-    if a != b:
-      adj[a, b] = adj[b, a] = True
-  return adj
+def _second_modulus(mods: np.ndarray, period: int) -> float:
+  """The second-largest of the eigenvalue moduli ``mods``, to the power 1 / period."""
+  mods = np.sort(np.asarray(mods, np.float64).reshape(-1))[::-1].copy()
+  mods[mods < 1e-10] = 0.0  # rounding noise of an exact average; its 1/T-th root would not be
+  second = float(mods[1]) if len(mods) > 1 else 0.0
+  return second ** (1.0 / period)
+
+
+def _circulant_spectrum(idx: np.ndarray, w: np.ndarray, shifts: Shifts | None):
+  """Eigenvalues of the period's product when every step is one circulant matrix, else None.
+
+  A circulant matrix, ``A[l, k] = c(l - k)`` on a grid of agents, is diagonalised by the DFT of
+  the grid: its eigenvalues are the DFT of its stencil ``c``. The steps of a period share those
+  eigenvectors, so the product's eigenvalues are the products of the steps' DFTs.
+  """
+  if shifts is None or not _matches(idx, shifts):
+    found = _circulant(idx, w)
+    if found is None:
+      return None
+    idx, w, shifts = found
+  if not np.all(w == w[:, :1, :]):  # the support is circulant, the weights must be too
+    return None
+  spectrum = np.ones(shifts.grid, complex)
+  for t, row in enumerate(shifts.table):
+    stencil = np.zeros(shifts.grid)
+    np.add.at(stencil, tuple((np.array(row) % shifts.grid).T), w[t, 0])
+    spectrum = spectrum * np.fft.fftn(stencil)
+  return spectrum
+
+
+def _matches(idx: np.ndarray, shifts: Shifts) -> bool:
+  """Whether ``idx`` lists, in every slot, the neighbour at that slot's offset in ``shifts``."""
+  grid = tuple(shifts.grid)
+  if math.prod(grid) != idx.shape[1] or len(shifts.table) != idx.shape[0]:
+    return False
+  here = np.unravel_index(np.arange(idx.shape[1]), grid)
+  for t, row in enumerate(shifts.table):
+    if len(row) != idx.shape[2]:
+      return False
+    off = np.array(row)  # [D, axes]
+    there = tuple((a[:, None] + off[:, i]) % n for i, (a, n) in enumerate(zip(here, grid)))
+    if not np.array_equal(np.ravel_multi_index(there, grid), idx[t]):
+      return False
+  return True
+
+
+def _slem_arpack(idx: np.ndarray, w: np.ndarray) -> float:
+  """The SLEM of one step's matrix by ARPACK (scipy), with a bounded number of iterations; NaN
+  when scipy is missing or ARPACK does not converge within them."""
+  try:
+    from scipy import sparse  # optional: not a declared dependency (jax installs it)
+    from scipy.sparse import linalg
+  except ImportError:
+    return math.nan
+  k_count, width = idx.shape
+  a = sparse.csr_matrix((w.reshape(-1), (idx.reshape(-1), np.repeat(np.arange(k_count), width))),
+                        shape=(k_count, k_count))
+  kw = dict(return_eigenvectors=False, v0=np.random.default_rng(0).standard_normal(k_count),
+            ncv=min(k_count - 1, 32), maxiter=100, tol=1e-10)
+  try:
+    if _symmetric_list(idx, w):
+      # Symmetric, so rows sum to one too: 1 / sqrt(K) is the eigenvector of eigenvalue 1, and
+      # removing the average leaves the other eigenvalues (and a 0) for Lanczos to search.
+      op = linalg.LinearOperator((k_count, k_count), matvec=lambda x: a @ x - x.mean(),
+                                 dtype=np.float64)
+      return _second_modulus([1.0, *np.abs(linalg.eigsh(op, k=1, which="LM", **kw))], 1)
+    return _second_modulus(np.abs(linalg.eigs(a, k=2, which="LM", **kw)), 1)
+  except linalg.ArpackNoConvergence:
+    return math.nan
+
+
+# --------------------------------------------------------------------------------------------
+# Graphs as links: per step, arrays (l, k) of the links l -> k (k listens to l, l != k).
+
+
+def _links_of(num_agents: int, l, k) -> tuple[np.ndarray, np.ndarray]:
+  """Links ``l -> k`` without self-loops or repeats, sorted by (k, l)."""
+  l, k = np.asarray(l, np.int64).reshape(-1), np.asarray(k, np.int64).reshape(-1)
+  keep = l != k
+  code = np.sort(k[keep] * num_agents + l[keep])
+  code = code[np.concatenate([[True], code[1:] != code[:-1]])] if code.size else code
+  return code % num_agents, code // num_agents
+
+
+def _undirected(num_agents: int, a, b) -> tuple[np.ndarray, np.ndarray]:
+  """The links of the undirected edges ``{a_i, b_i}``, both ways."""
+  a, b = np.asarray(a, np.int64).reshape(-1), np.asarray(b, np.int64).reshape(-1)
+  return _links_of(num_agents, np.concatenate([a, b]), np.concatenate([b, a]))
 
 
 def _ring(num_agents):
-  return _undirected(num_agents, [(k, (k + 1) % num_agents) for k in range(num_agents)])
+  k = np.arange(num_agents)
+  return [_undirected(num_agents, k, (k + 1) % num_agents)]
 
 
 def _grid_shape(num_agents: int, rows: int | None, cols: int | None) -> tuple[int, int]:
@@ -343,15 +597,12 @@ def _grid_shape(num_agents: int, rows: int | None, cols: int | None) -> tuple[in
 
 def _lattice(num_agents, rows=None, cols=None, wrap=True):
   rows, cols = _grid_shape(num_agents, rows, cols)
-  at = lambda r, c: r * cols + c  # noqa: E731
-  pairs = []
-  for r in range(rows):
-    for c in range(cols):
-      if wrap or c + 1 < cols:
-        pairs.append((at(r, c), at(r, (c + 1) % cols)))
-      if wrap or r + 1 < rows:
-        pairs.append((at(r, c), at((r + 1) % rows, c)))
-  return _undirected(num_agents, pairs)
+  r, c = np.divmod(np.arange(num_agents), cols)
+  right = (c + 1 < cols) | wrap
+  down = (r + 1 < rows) | wrap
+  a = np.concatenate([(r * cols + c)[right], (r * cols + c)[down]])
+  b = np.concatenate([(r * cols + (c + 1) % cols)[right], ((r + 1) % rows * cols + c)[down]])
+  return [_undirected(num_agents, a, b)]
 
 
 def _torus(num_agents, rows=None, cols=None):
@@ -363,11 +614,19 @@ def _grid(num_agents, rows=None, cols=None):
 
 
 def _full(num_agents):
-  return ~np.eye(num_agents, dtype=bool)
+  l, k = np.divmod(np.arange(num_agents * num_agents), num_agents)
+  return [_links_of(num_agents, l, k)]
 
 
 def _star(num_agents):
-  return _undirected(num_agents, [(0, k) for k in range(1, num_agents)])
+  k = np.arange(1, num_agents)
+  return [_undirected(num_agents, np.zeros_like(k), k)]
+
+
+# Up to this K, Erdős–Rényi graphs come from the dense uniform draw of earlier versions, bit for
+# bit, so that seeded graphs (tests, recorded runs) stay the same; above it, from an O(edges)
+# sampler of the same distribution.
+_ER_DENSE_DRAW_MAX = 2048
 
 
 def _erdos_renyi(num_agents, seed=0, p=None):
@@ -375,12 +634,36 @@ def _erdos_renyi(num_agents, seed=0, p=None):
     p = min(1.0, 2.0 * math.log(max(num_agents, 2)) / num_agents)
   if not 0.0 < p <= 1.0:
     raise ValueError(f"erdos_renyi p={p} is outside (0, 1]; pass an edge probability in (0, 1]")
-  upper = np.triu(np.random.default_rng(seed).random((num_agents, num_agents)) < p, 1)
-  adj = upper | upper.T
-  if not _strongly_connected(adj):
+  rng = np.random.default_rng(seed)
+  if num_agents <= _ER_DENSE_DRAW_MAX:
+    a, b = np.nonzero(np.triu(rng.random((num_agents, num_agents)) < p, 1))
+  else:
+    a, b = _bernoulli_pairs(rng, num_agents, p)
+  l, k = _undirected(num_agents, a, b)
+  if not _strongly_connected_links(num_agents, l, k, both_ways=True):
     raise ValueError(f"erdos_renyi draw with K={num_agents}, p={p:.3g}, seed={seed} is "
                      "disconnected; raise p or try another seed")
-  return adj
+  return [(l, k)]
+
+
+def _bernoulli_pairs(rng: np.random.Generator, num_agents: int, p: float):
+  """Each pair a < b independently with probability p, in O(edges): the gaps between chosen
+  pairs (numbered row by row over the upper triangle) are geometric (Batagelj & Brandes 2005)."""
+  pairs = num_agents * (num_agents - 1) // 2
+  chosen, last = [], -1
+  while True:
+    left = pairs - 1 - last
+    gaps = rng.geometric(p, size=int(p * left + 6 * math.sqrt(p * left) + 64))
+    at = last + np.cumsum(gaps)
+    chosen.append(at[at < pairs])
+    if at[-1] >= pairs:
+      break
+    last = int(at[-1])
+  code = np.concatenate(chosen)
+  rows = np.arange(num_agents - 1, dtype=np.int64)
+  first = rows * (2 * num_agents - rows - 1) // 2  # number of the pair (a, a + 1)
+  a = np.searchsorted(first, code, side="right") - 1
+  return a, code - first[a] + a + 1
 
 
 def _exponential_hops(num_agents: int) -> list[int]:
@@ -389,23 +672,16 @@ def _exponential_hops(num_agents: int) -> list[int]:
 
 
 def _exponential(num_agents):
-  adj = np.zeros((num_agents, num_agents), bool)
-  for k in range(num_agents):
-    for hop in _exponential_hops(num_agents):
-      adj[(k - hop) % num_agents, k] = True
-  return adj
+  k = np.arange(num_agents)
+  hops = _exponential_hops(num_agents)
+  return [_links_of(num_agents, [(k - hop) % num_agents for hop in hops],
+                    [k for _ in hops])]
 
 
 def _one_peer_exponential(num_agents):
+  k = np.arange(num_agents)
   hops = _exponential_hops(num_agents) or [0]
-  schedule = []
-  for hop in hops:
-    adj = np.zeros((num_agents, num_agents), bool)
-    for k in range(num_agents):
-      if hop:
-        adj[(k - hop) % num_agents, k] = True
-    schedule.append(adj)
-  return np.stack(schedule)
+  return [_links_of(num_agents, (k - hop) % num_agents, k) for hop in hops]
 
 
 def _random_matching(num_agents, seed=0, period=16):
@@ -415,8 +691,9 @@ def _random_matching(num_agents, seed=0, period=16):
   schedule = []
   for _ in range(period):
     perm = rng.permutation(num_agents)
-    schedule.append(_undirected(num_agents, zip(perm[0::2], perm[1::2])))
-  return np.stack(schedule)
+    half = num_agents // 2
+    schedule.append(_undirected(num_agents, perm[0::2][:half], perm[1::2][:half]))
+  return schedule
 
 
 _GRAPHS = {
@@ -433,15 +710,22 @@ _GRAPHS = {
 KINDS = tuple(_GRAPHS)
 
 
-def _weights(adj: np.ndarray, rule: str) -> np.ndarray:
-  """Column-stochastic weights on the graph ``adj`` (self-loops added)."""
-  deg = adj.sum(axis=0).astype(np.float64)  # in-degree: how many agents k listens to
+def _weights(num_agents: int, l: np.ndarray, k: np.ndarray, rule: str):
+  """Column-stochastic weights on the links ``l -> k`` (sorted by (k, l)): ``(l, k, a_lk, a_kk)``.
+
+  The self-weight is one minus the column's sum, accumulated in ascending l as a dense column
+  sum would be, so the weights are those of the dense construction bit for bit.
+  """
+  deg = np.bincount(k, minlength=num_agents).astype(np.float64)  # in-degree: how many k hears
   if rule == "metropolis":
-    a = np.where(adj, 1.0 / (1.0 + np.maximum(deg[None, :], deg[:, None])), 0.0)
+    a = 1.0 / (1.0 + np.maximum(deg[k], deg[l]))
   else:  # uniform
-    a = np.where(adj, 1.0 / (1.0 + deg[None, :]), 0.0)
-  a[np.diag_indices_from(a)] = 1.0 - a.sum(axis=0)
-  return a
+    a = 1.0 / (1.0 + deg[k])
+  return l, k, a, 1.0 - np.bincount(k, weights=a, minlength=num_agents)
+
+
+def _symmetric_links(num_agents: int, l: np.ndarray, k: np.ndarray) -> bool:
+  return np.array_equal(np.sort(l * num_agents + k), k * num_agents + l)
 
 
 def options(kind: str) -> tuple[str, ...]:
@@ -487,10 +771,25 @@ def make(kind: str, num_agents: int, *, weights: str = "metropolis", seed: int =
                      f"{', '.join(options(kind))}")
   if "seed" in inspect.signature(builder).parameters:
     kw["seed"] = seed
-  adjs = builder(int(num_agents), **kw)
-  adjs = adjs[None] if adjs.ndim == 2 else adjs
-  mats = np.stack([_weights(adj, weights) for adj in adjs])
-  topo = from_matrices(mats, kind=kind)
-  topo = dataclasses.replace(topo, directed=not all(np.array_equal(a, a.T) for a in adjs))
+  k_count = int(num_agents)
+  schedule = builder(k_count, **kw)
+  idx, w = _padded(k_count, [_weights(k_count, l, k, weights) for l, k in schedule])
+  for t in range(len(schedule)):
+    _check_columns(w[t], w[t].sum(axis=-1),
+                   f"{kind} matrix at step {t}" if len(schedule) > 1 else f"{kind} matrix")
+  w = w.astype(np.float32)
+  circulant = _circulant(idx, w) if k_count > 1 and idx.shape[-1] > 1 else None
+  directed = not all(_symmetric_links(k_count, l, k) for l, k in schedule)
+  if circulant:  # a Cayley graph of the grid: connected when its offsets generate the grid
+    _, _, shifts = circulant
+    connected = _generates(shifts.grid, {o for row in shifts.table for o in row})
+  else:
+    connected = _lists_connected(idx, w, both_ways=not directed)
+  if not connected:
+    raise _disconnected(f"the {kind} graph")
+  shifts = None
+  if circulant and idx.shape[-1] - 1 <= MAX_ROLLS:
+    idx, w, shifts = circulant
+  topo = Topology(idx, w, kind=kind, directed=directed, shifts=shifts)
   topo = topo.lazy(lazy) if lazy else topo
   return topo.with_self_weight(self_weight) if self_weight else topo

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -362,6 +363,237 @@ class LazyTest(parameterized.TestCase):
     self.assertEqual(fn._cache_size(), 1, "ring.lazy(0.5) recompiled a step jitted for ring")
     fn(topology.make("one_peer_exponential", 8).lazy(0.2))  # another shape: one more compile
     self.assertEqual(fn._cache_size(), 2)
+
+
+def _dense_slem(topo) -> float:
+  """The reference SLEM: eigenvalues of the dense product over one period."""
+  prod = np.eye(topo.num_agents)
+  for a in topo.dense_schedule():
+    prod = prod @ a
+  mods = np.sort(np.abs(np.linalg.eigvals(prod)))[::-1]
+  mods[mods < 1e-10] = 0.0
+  return (float(mods[1]) if len(mods) > 1 else 0.0) ** (1.0 / topo.period)
+
+
+def _assert_slem_close(test, got, want, period, msg=""):
+  # The 1/T-th root magnifies rounding in a product's tiny eigenvalues: compare the product's.
+  test.assertTrue(abs(got - want) < 1e-9 or abs(got ** period - want ** period) < 1e-12,
+                  f"{msg}: slem {got!r} != dense {want!r}")
+
+
+def _dense_weights(adj: np.ndarray, rule: str) -> np.ndarray:
+  """Metropolis / uniform weights on the dense support ``adj[l, k]``, the reference formula."""
+  deg = adj.sum(axis=0).astype(np.float64)
+  if rule == "metropolis":
+    a = np.where(adj, 1.0 / (1.0 + np.maximum(deg[None, :], deg[:, None])), 0.0)
+  else:
+    a = np.where(adj, 1.0 / (1.0 + deg[None, :]), 0.0)
+  a[np.diag_indices_from(a)] = 1.0 - a.sum(axis=0)
+  return a
+
+
+def _custom_matrices():
+  """(name, [T, K, K]) matrices for from_matrices: directed, disconnected, weighted, schedules."""
+  rng = np.random.default_rng(7)
+  directed = rng.random((9, 9)) * (rng.random((9, 9)) < 0.3)
+  directed[np.arange(9), (np.arange(9) + 1) % 9] = 0.5  # a directed cycle keeps it connected
+  directed /= directed.sum(axis=0)
+  half = np.full((3, 3), 1 / 3)
+  blocks = np.block([[half, np.zeros((3, 3))], [np.zeros((3, 3)), half]])
+  ring = topology.make("ring", 8).dense()
+  weighted = (ring - np.diag(np.diag(ring))) * np.linspace(0.3, 1.0, 8)  # circulant support only
+  weighted[np.diag_indices(8)] = 1.0 - weighted.sum(axis=0)
+  return [("directed", directed[None]), ("orientation", OrientationTest.A[None]),
+          ("disconnected", blocks[None]), ("weighted_ring", weighted[None]),
+          ("schedule", np.stack([ring, np.eye(8)])),
+          ("disconnected_schedule", np.stack([blocks, np.eye(6)]))]
+
+
+class SparseEqualsDenseTest(parameterized.TestCase):
+  """What make() and the Topology compute from the lists equals the dense reference."""
+
+  def _assert_list_checks_match_dense(self, topo, msg):
+    mats = topo.dense_schedule()
+    self.assertEqual(topo.symmetric, all(np.allclose(a, a.T, atol=1e-6) for a in mats), msg)
+    for t, a in enumerate(mats):
+      self.assertEqual(topo.num_edges(t), int(np.count_nonzero(a - np.diag(np.diag(a)) > 0)), msg)
+    union = (mats != 0).any(axis=0)
+    self.assertEqual(topology._lists_connected(topo.nbr_idx, topo.nbr_w), _connected(union), msg)
+    self.assertEqual(topology._strongly_connected(union), _connected(union), msg)
+    _assert_slem_close(self, topo.slem(), _dense_slem(topo), topo.period, msg)
+
+  @parameterized.product(kind=topology.KINDS, k_count=(1, 2, 3, 5, 8, 12, 16, 30),
+                         weights=topology.WEIGHT_RULES)
+  def test_make(self, kind, k_count, weights):
+    topo = topology.make(kind, k_count, weights=weights)
+    msg = f"{kind} K={k_count} {weights}"
+    self._assert_list_checks_match_dense(topo, msg)
+    for a in topo.dense_schedule():  # the weights of the dense construction
+      off = (a != 0) & ~np.eye(k_count, dtype=bool)
+      np.testing.assert_array_equal(
+          a, _dense_weights(off, weights).astype(np.float32).astype(np.float64), err_msg=msg)
+    self.assertEqual(topo.directed, any(not np.array_equal(a != 0, (a != 0).T)
+                                        for a in topo.dense_schedule()), msg)
+    # Through the dense matrices: the same lists, order, structure and flags.
+    again = topology.from_matrices(topo.dense_schedule(), kind=kind)
+    np.testing.assert_array_equal(again.nbr_idx, topo.nbr_idx, err_msg=msg)
+    np.testing.assert_array_equal(again.nbr_w, topo.nbr_w, err_msg=msg)
+    self.assertEqual(again.shifts, topo.shifts, msg)
+    self.assertEqual(again.directed, topo.directed, msg)
+    for variant in (topo.lazy(0.3), topo.with_self_weight(0.6)):
+      self._assert_list_checks_match_dense(variant, f"{msg} {variant.kind}")
+
+  @parameterized.named_parameters(*_custom_matrices())
+  def test_from_matrices(self, mats):
+    topo = topology.from_matrices(mats, check_connectivity=False)
+    self._assert_list_checks_match_dense(topo, "custom")
+    np.testing.assert_allclose(topo.dense_schedule(), mats, atol=1e-7)
+    connected = _connected((mats != 0).any(axis=0))
+    if connected:
+      topology.from_matrices(mats)
+    else:
+      with self.assertRaisesRegex(ValueError, "disconnected"):
+        topology.from_matrices(mats)
+      with self.assertRaisesRegex(ValueError, "disconnected"):
+        topology.check_connected(mats, "custom")
+
+  def test_hand_built_lists_with_repeated_slots(self):
+    # A Topology built by hand may list a neighbour twice: its weights add up, as in dense().
+    idx = np.array([[[0, 1, 1], [1, 0, 2], [2, 1, 2]]], np.int32)
+    w = np.array([[[0.4, 0.3, 0.3], [0.5, 0.4, 0.1], [0.9, 0.1, 0.0]]], np.float32)
+    topo = topology.Topology(idx, w)
+    self._assert_list_checks_match_dense(topo, "repeated slots")
+    self.assertEqual(topo.num_edges(), 4)  # 1 -> 0 once, though listed twice
+
+  @parameterized.parameters(*[(grid,) for grid in ((12,), (7,), (4, 6), (6, 6), (3, 5), (8, 2))])
+  def test_circulant_connectivity_is_generation_of_the_grid(self, grid):
+    # A circulant graph is connected exactly when its offsets generate the grid (gcd / minors).
+    rng = np.random.default_rng(len(grid) * 100 + math.prod(grid))
+    k_count = math.prod(grid)
+    pos = np.stack(np.unravel_index(np.arange(k_count), grid), axis=-1)
+    for _ in range(40):
+      offsets = [tuple(int(v) for v in rng.integers(0, grid)) for _ in range(rng.integers(1, 4))]
+      adj = np.zeros((k_count, k_count), bool)
+      for off in offsets:
+        l = np.ravel_multi_index(tuple(((pos + off) % grid).T), grid)
+        adj[l, np.arange(k_count)] = True
+      reach = adj | np.eye(k_count, dtype=bool)  # transitive closure by repeated squaring
+      for _ in range(math.ceil(math.log2(k_count)) + 1):
+        reach = reach | (reach.astype(np.int64) @ reach.astype(np.int64) > 0)
+      self.assertEqual(topology._generates(grid, offsets), bool(reach.all()), f"{grid} {offsets}")
+
+
+class ScaleSpectrumTest(parameterized.TestCase):
+
+  @parameterized.product(kind=("ring", "torus", "exponential", "one_peer_exponential", "full"),
+                         k_count=(3, 6, 8, 12, 16, 20, 32), weights=topology.WEIGHT_RULES)
+  def test_circulant_slem_equals_dense(self, kind, k_count, weights):
+    topo = topology.make(kind, k_count, weights=weights)
+    for variant in (topo, topo.lazy(0.4), topo.with_self_weight(0.7),
+                    dataclasses.replace(topo, shifts=None)):  # found again without shifts
+      self.assertIsNotNone(topology._circulant_spectrum(
+          np.asarray(variant.nbr_idx), np.asarray(variant.nbr_w, np.float64), variant.shifts))
+      _assert_slem_close(self, variant.slem(), _dense_slem(variant), topo.period,
+                         f"{kind} K={k_count} {variant.kind}")
+
+  def test_circulant_support_with_unequal_weights_is_not_circulant(self):
+    (_, mats), = [c for c in _custom_matrices() if c[0] == "weighted_ring"]
+    topo = topology.from_matrices(mats)
+    self.assertIsNotNone(topo.shifts)  # the support is circulant...
+    self.assertIsNone(topology._circulant_spectrum(topo.nbr_idx, topo.nbr_w, topo.shifts))
+    _assert_slem_close(self, topo.slem(), _dense_slem(topo), 1)  # ...so the dense path runs
+
+  @parameterized.product(kind=("star", "grid", "erdos_renyi", "ring"),
+                         weights=topology.WEIGHT_RULES)
+  def test_arpack_slem_equals_dense(self, kind, weights):
+    topo = topology.make(kind, 40, weights=weights)
+    got = topology._slem_arpack(topo.nbr_idx[0], topo.nbr_w[0].astype(np.float64))
+    self.assertAlmostEqual(got, _dense_slem(topo), delta=1e-8)
+
+  def test_arpack_slem_of_a_directed_matrix(self):
+    rng = np.random.default_rng(3)
+    a = rng.random((40, 40)) * (rng.random((40, 40)) < 0.2)
+    a[np.arange(40), (np.arange(40) + 1) % 40] = 1.0
+    topo = topology.from_matrices(a / a.sum(axis=0))
+    self.assertTrue(topo.directed)
+    got = topology._slem_arpack(topo.nbr_idx[0], topo.nbr_w[0].astype(np.float64))
+    self.assertAlmostEqual(got, _dense_slem(topo), delta=1e-8)
+
+  def test_slem_past_the_thresholds_is_nan(self):
+    # A time-varying schedule that is not circulant is not computed past the dense size.
+    k_count = topology._SLEM_DENSE_MAX + 2
+    slem = topology.make("random_matching", k_count).slem()
+    self.assertTrue(math.isnan(slem))
+    self.assertEqual(f"{slem:.4f}", "nan")  # train.py logs it with %.4f
+    # A static one goes to ARPACK, which agrees with the dense eigenvalues.
+    star = topology.make("star", k_count)
+    self.assertAlmostEqual(star.slem(), _dense_slem(star), delta=1e-8)
+    ring = topology.make("ring", 100_000)  # circulant: exact at any size
+    (a_kk, a_lk, _), = ring.nbr_w[0, :1].astype(np.float64)  # float32 weights, as computed
+    self.assertAlmostEqual(ring.slem(), a_kk + 2 * a_lk * math.cos(2 * math.pi / 100_000),
+                           delta=1e-12)
+
+
+class ScaleTest(parameterized.TestCase):
+  """Graphs of many agents build without K x K matrices (a ring of 4,000 once did not)."""
+
+  _K = 20_000
+
+  @parameterized.parameters("ring", "torus", "exponential", "erdos_renyi",
+                            "one_peer_exponential")
+  def test_builds_fast(self, kind):
+    start = time.perf_counter()
+    topo = topology.make(kind, self._K)
+    symmetric, edges = topo.symmetric, topo.num_edges()
+    seconds = time.perf_counter() - start
+    self.assertLess(seconds, 20.0, f"{kind} K={self._K} took {seconds:.1f} s")
+    self.assertEqual(topo.num_agents, self._K)
+    np.testing.assert_allclose(topo.nbr_w.sum(axis=-1), 1.0, atol=1e-6)
+    self.assertEqual(symmetric, kind in ("ring", "torus", "erdos_renyi"))
+    self.assertGreaterEqual(edges, self._K)
+    self.assertEqual(topo.shifts is None, kind == "erdos_renyi")  # exponential: 15 hops, rolls
+    if topo.shifts is not None:  # circulant: an exact SLEM at any size, in milliseconds
+      self.assertTrue(0.0 < topo.slem() < 1.0)
+
+  def test_combine_on_a_large_ring_equals_numpy(self):
+    topo = topology.make("ring", self._K)
+    x = np.random.default_rng(0).standard_normal((self._K, 4)).astype(np.float32)
+    out = np.asarray(jax.jit(combine.combine)(jnp.asarray(x), topo))
+    idx, w = topo.nbr_idx[0], topo.nbr_w[0].astype(np.float64)
+    for k in (0, 1, self._K // 2, self._K - 1):
+      want = sum(w[k, j] * x[idx[k, j]].astype(np.float64) for j in range(idx.shape[1]))
+      np.testing.assert_allclose(out[k], want, rtol=1e-5, atol=1e-6, err_msg=f"row {k}")
+      np.testing.assert_allclose(want, (x[k - 1] + x[k] + x[(k + 1) % self._K]) / 3, rtol=1e-5)
+
+  def test_erdos_renyi_sampler_draws_each_pair_once_with_probability_p(self):
+    k_count, p = 400, 0.05
+    a, b = topology._bernoulli_pairs(np.random.default_rng(1), k_count, p)
+    self.assertTrue(np.all((0 <= a) & (a < b) & (b < k_count)))
+    self.assertLen(np.unique(a * k_count + b), a.size)
+    pairs = k_count * (k_count - 1) / 2
+    self.assertLess(abs(a.size - p * pairs), 5 * math.sqrt(p * pairs))
+    again = topology._bernoulli_pairs(np.random.default_rng(1), k_count, p)
+    np.testing.assert_array_equal(again[0], a)
+    all_pairs = topology._bernoulli_pairs(np.random.default_rng(1), 9, 1.0)
+    self.assertLen(all_pairs[0], 36)
+
+  def test_erdos_renyi_graphs_of_small_k_keep_their_edges(self):
+    # Up to _ER_DENSE_DRAW_MAX the draw is the dense uniform matrix of earlier versions.
+    for k_count, seed, p in ((16, 0, None), (8, 10, 0.3), (10, 1, 0.5), (300, 2, None)):
+      topo = topology.make("erdos_renyi", k_count, seed=seed, **({"p": p} if p else {}))
+      p = p or 2 * math.log(k_count) / k_count
+      upper = np.triu(np.random.default_rng(seed).random((k_count, k_count)) < p, 1)
+      a = topo.dense()
+      np.testing.assert_array_equal((a > 0) & ~np.eye(k_count, dtype=bool), upper | upper.T)
+
+  def test_erdos_renyi_of_large_k_has_the_expected_degree(self):
+    k_count = topology._ER_DENSE_DRAW_MAX + 1000
+    topo = topology.make("erdos_renyi", k_count, seed=3)
+    mean_degree = topo.num_edges() / k_count
+    expected = 2 * math.log(k_count) / k_count * (k_count - 1)
+    self.assertLess(abs(mean_degree - expected), 0.05 * expected)
+    self.assertTrue(topo.symmetric)
+    self.assertFalse(topo.directed)
 
 
 if __name__ == "__main__":
