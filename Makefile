@@ -12,12 +12,12 @@ export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: run test lint bench clean
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml scripts/install_data.sh
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml drt_jax/install_data.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -e .
-	bash scripts/install_data.sh $(VENV)
+	$(PY) -m drt_jax.install_data
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -27,10 +27,12 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 -q --durations=15 tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check drt_jax experiments tests
+	$(VENV)/bin/ruff check drt_jax experiments tests benchmarks
 
 bench: $(STAMP)
-	$(PY) experiments/benchmark.py --host_devices 8
+	$(PY) -m benchmarks.train_step --host_devices 8
+	$(PY) -m benchmarks.combine --host_devices 8
+	$(PY) -m benchmarks.data_memory --host_devices 8
 
 clean:
 	rm -rf $(VENV) runs

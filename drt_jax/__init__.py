@@ -3,10 +3,42 @@
 K agents, each with the same network and its own data, learn over a graph without a server. All
 agents' variables are stacked on a leading axis K (see :mod:`drt_jax.types`); one train step is one
 compiled program.
+
+The modules, from the bottom up: ``types``; ``topology`` (graphs and their weights), ``combine``
+(the combination step), ``drt`` (deep relative trust and its weights), ``algorithms`` (ATC, CTA,
+DSGD, local, DRT around any optax optimizer), ``faults``; ``models``, ``data``, ``datasets``,
+``partition``, ``inputs`` (a run's data on the devices); ``backends`` and ``distributed`` (how
+agents map onto devices and hosts); ``step`` (the compiled programs), ``metrics``; ``build``
+(config fields to objects), ``config``, ``workdir``, ``checkpoint``, ``train``
+(``train_and_evaluate``) and ``plotting``.
 """
 
-from drt_jax import combine, drt, topology
+from drt_jax import (
+  algorithms,
+  backends,
+  build,
+  checkpoint,
+  combine,
+  config,
+  data,
+  datasets,
+  distributed,
+  drt,
+  faults,
+  inputs,
+  metrics,
+  models,
+  partition,
+  plotting,
+  step,
+  topology,
+  train,
+  types,
+  workdir,
+)
 from drt_jax.types import Mixing
 
 __version__ = "0.1.0"
-__all__ = ["Mixing", "combine", "drt", "topology"]
+__all__ = ["Mixing", "algorithms", "backends", "build", "checkpoint", "combine", "config", "data",
+           "datasets", "distributed", "drt", "faults", "inputs", "metrics", "models", "partition",
+           "plotting", "step", "topology", "train", "types", "workdir"]

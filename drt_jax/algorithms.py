@@ -14,6 +14,15 @@ its state kept local) and returns an :class:`Algorithm` of pure functions over s
 * ``combine_stats(stats, state, topology) -> stats``: combines non-trained per-agent state
   (BatchNorm statistics) with the matrices the last step used; the trainer calls it when
   statistics are shared.
+* ``metrics(params, state, topology) -> dict``: the algorithm's own diagnostics of the last step
+  (scalars: self-weights, DRT statistics), evaluated by the trainer with the other metrics.
+* ``message_bytes(nbytes) -> float``: the bytes an agent sends each out-neighbour per step on
+  average, given the bytes of one agent's shared variables (``comm_every`` and compression
+  included; 0 for an algorithm that never communicates).
+
+Only ``init`` and ``step`` are required: the trainer takes any object with those two (a user's
+own NamedTuple, say) and treats a missing ``grad_point``, ``metrics`` or ``message_bytes`` as
+"gradients at the parameters", "no diagnostics" and "the parameters every step".
 
 Recursions (``-mu g`` stands for one step of the local optimizer, ``c_lk`` the topology's weights,
 columns summing to one; see :mod:`drt_jax.types`):
@@ -42,8 +51,7 @@ import optax
 
 from drt_jax import combine as combine_lib
 from drt_jax import drt as drt_lib
-from drt_jax.topology import Topology
-from drt_jax.types import Mixing, PyTree
+from drt_jax.types import PyTree
 
 
 class Algorithm(NamedTuple):
@@ -51,8 +59,37 @@ class Algorithm(NamedTuple):
 
   init: Callable[..., Any]
   step: Callable[..., tuple[PyTree, Any]]
-  grad_point: Callable[..., PyTree] | None
-  combine_stats: Callable[..., PyTree]
+  grad_point: Callable[..., PyTree] | None = None
+  combine_stats: Callable[..., PyTree] | None = None
+  metrics: Callable[..., dict] | None = None
+  message_bytes: Callable[[int], float] | None = None
+
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
+
+
+def local_optimizer(name: str, learning_rate: float, momentum: float = 0.9,
+                    weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """A named local optimizer (one of :data:`OPTIMIZERS`) with its hyperparameters in its state
+  (``optax.inject_hyperparams``), so that runs with other values share one compiled step.
+
+  Any other optax transformation (a schedule, ``optax.chain``, clipping) can be passed to an
+  algorithm's factory or to ``train_and_evaluate(optimizer=...)`` directly.
+  """
+
+  def build(learning_rate, weight_decay, momentum):
+    if name == "adam":
+      return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate))
+    if name == "adamw":
+      return optax.adamw(learning_rate, weight_decay=weight_decay)
+    trace = () if name == "sgd" else (optax.trace(momentum, nesterov=name == "nesterov"),)
+    return optax.chain(optax.add_decayed_weights(weight_decay), *trace,
+                       optax.scale_by_learning_rate(learning_rate))
+
+  if name not in OPTIMIZERS:
+    raise ValueError(f"unknown optimizer {name!r}; expected one of: {', '.join(OPTIMIZERS)}")
+  return optax.inject_hyperparams(build)(learning_rate=learning_rate, weight_decay=weight_decay,
+                                         momentum=momentum)
 
 
 class DiffusionState(NamedTuple):
@@ -100,13 +137,32 @@ def _maybe(pred, comm_every: int, true_fn: Callable, false_fn: Callable):
   return jax.lax.cond(pred, true_fn, false_fn)
 
 
-def _check_comm_every(comm_every):
-  if not isinstance(comm_every, int) or comm_every < 1:
+def check_comm_every(comm_every) -> None:
+  """Raises ValueError unless ``comm_every`` is an integer >= 1."""
+  if not isinstance(comm_every, int) or isinstance(comm_every, bool) or comm_every < 1:
     raise ValueError(f"comm_every={comm_every!r} must be an integer >= 1 (combine every H-th step)")
 
 
+def _last_mixing(topology, state):
+  """The weights the step that just ran used (the graph's, before any per-layer change)."""
+  return combine_lib.as_mixing(topology, jnp.maximum(state.count - 1, 0))
+
+
+def _graph_metrics(params, mixing, granularity="module", eps=1e-6) -> dict:
+  """Mean DRT over the graph's edges (:func:`drt_jax.drt.edge_statistics`)."""
+  names = combine_lib.layer_names(params, granularity)
+  return drt_lib.edge_statistics(params, mixing, names, eps)
+
+
+def _every(comm_every: int):
+  def message_bytes(nbytes):
+    return nbytes / comm_every
+
+  return message_bytes
+
+
 def _base(kind: str, opt: optax.GradientTransformation, comm_every: int) -> Algorithm:
-  _check_comm_every(comm_every)
+  check_comm_every(comm_every)
 
   def init(params, topology=None):
     del topology  # only DRT's state depends on the graph's shape
@@ -142,7 +198,14 @@ def _base(kind: str, opt: optax.GradientTransformation, comm_every: int) -> Algo
     prev = DiffusionState(state.opt_state, state.count - 1)  # the step that just ran
     return mix(stats, prev, topology)
 
-  return Algorithm(init, step, grad_point if kind == "cta" else None, combine_stats)
+  def metrics(params, state, topology):
+    m = _last_mixing(topology, state)
+    return {"self_weight_mean": jnp.mean(m.nbr_w[:, 0]), **_graph_metrics(params, m)}
+
+  if kind == "local":
+    return Algorithm(init, step, None, combine_stats, None, lambda nbytes: 0.0)
+  return Algorithm(init, step, grad_point if kind == "cta" else None, combine_stats, metrics,
+                   _every(comm_every))
 
 
 def diffusion_atc(local_optimizer: optax.GradientTransformation, *, comm_every: int = 1):
@@ -204,9 +267,8 @@ def drt_diffusion(local_optimizer: optax.GradientTransformation, *, variant: str
       norm (``current``), so that the strength does not fade as the weights grow.
     comm_every: combine every H-th step.
   """
-  drt_lib.check_options(variant, floor, eps, strength, reference)
-  _check_comm_every(comm_every)
-  combine_lib.layer_names({}, granularity)  # validates the name
+  drt_lib.check_options(variant, floor, eps, strength, reference, granularity)
+  check_comm_every(comm_every)
 
   def init(params, topology=None):
     names = combine_lib.layer_names(params, granularity)
@@ -257,7 +319,13 @@ def drt_diffusion(local_optimizer: optax.GradientTransformation, *, variant: str
 
     return _maybe(_communicates(prev, comm_every), comm_every, mix, lambda: stats)
 
-  return Algorithm(init, step, None, combine_stats)
+  def metrics(params, state, topology):
+    selfw = {p: jnp.mean(w[:, 0]) for p, w in state.layer_w.items()}
+    return {**{f"self_weight/{p}": v for p, v in selfw.items()},
+            "self_weight_mean": sum(selfw.values()) / len(selfw),
+            **_graph_metrics(params, _last_mixing(topology, state), granularity, eps)}
+
+  return Algorithm(init, step, None, combine_stats, metrics, _every(comm_every))
 
 
 def _drt_variant(variant):
@@ -312,6 +380,3 @@ def options(name: str) -> tuple[str, ...]:
 def uses_drt(name: str) -> bool:
   return name.startswith("drt")
 
-
-def is_topology(x) -> bool:
-  return isinstance(x, (Topology, Mixing))

@@ -34,14 +34,20 @@ BACKENDS = ("auto", "vmap", "chunked", "map", "shard")
 AGENTS = "agents"
 
 
-def check(backend: str, num_agents: int, chunk_size: int | None = None) -> None:
-  """Raises ValueError for an unknown back-end or a shape it cannot run."""
+def check_chunks(backend: str, num_agents: int, chunk_size: int | None = None) -> None:
+  """Raises ValueError for an unknown back-end or a chunk size that does not divide K (what can
+  be checked without looking at the devices)."""
   if backend not in BACKENDS:
     raise ValueError(f"unknown backend {backend!r}; expected one of: {', '.join(BACKENDS)}")
   if backend == "chunked":
     if not chunk_size or chunk_size < 1 or num_agents % chunk_size:
       raise ValueError(f"backend 'chunked' needs a chunk_size >= 1 dividing K={num_agents}; "
                        f"got {chunk_size}")
+
+
+def check(backend: str, num_agents: int, chunk_size: int | None = None) -> None:
+  """Raises ValueError for an unknown back-end or a shape it cannot run."""
+  check_chunks(backend, num_agents, chunk_size)
   n, processes = jax.device_count(), jax.process_count()
   where = f"{n} devices of {processes} processes"
   if processes > 1 and num_agents % n:

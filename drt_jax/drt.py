@@ -45,17 +45,34 @@ VARIANTS = ("drt", "drt_symmetric", "drt_normalized")
 REFERENCES = ("init", "current")
 
 
-def check_options(variant: str, floor: float, eps: float, strength=None, reference="init"):
-  """Raises ValueError naming the first option outside its accepted range."""
+def _real(x) -> bool:
+  """A finite real number or array of them (bools refused: True is not a strength)."""
+  try:
+    a = np.asarray(x)
+  except (TypeError, ValueError):
+    return False
+  return (a.dtype.kind in "iuf" and a.size > 0 and bool(np.all(np.isfinite(a)))
+          and not isinstance(x, bool))
+
+
+_UNCHECKED = object()
+
+
+def check_options(variant: str, floor: float, eps: float, strength=_UNCHECKED, reference="init",
+                  granularity: str = "module"):
+  """Raises ValueError naming the first option outside its accepted range (the one place these
+  are checked: ``config.validate`` asks here too)."""
   if variant not in VARIANTS:
     raise ValueError(f"unknown DRT variant {variant!r}; expected one of: {', '.join(VARIANTS)}")
-  if not 0.0 <= floor < 1.0:
-    raise ValueError(f"DRT floor={floor} is outside [0, 1); the self-weight floor delta must be "
+  if not (_real(floor) and 0.0 <= floor < 1.0):
+    raise ValueError(f"DRT floor={floor!r} is outside [0, 1); the self-weight floor delta must be "
                      "in [0, 1), e.g. 0.05")
-  if not eps > 0.0:
-    raise ValueError(f"DRT eps={eps} must be > 0 (the relative norm guard, e.g. 1e-6)")
-  if strength is not None and not np.all(np.asarray(strength) >= 0):
-    raise ValueError(f"DRT strength={strength} must be >= 0")
+  if not (_real(eps) and eps > 0.0):
+    raise ValueError(f"DRT eps={eps!r} must be a finite number > 0 (the relative norm guard, e.g. "
+                     "1e-6)")
+  if strength is not _UNCHECKED and not (_real(strength) and np.all(np.asarray(strength) >= 0)):
+    raise ValueError(f"DRT strength={strength!r} must be a finite number >= 0")
+  combine_lib.layer_names({}, granularity)
   if reference not in REFERENCES:
     raise ValueError(f"unknown DRT reference {reference!r}; expected one of: "
                      f"{', '.join(REFERENCES)}")
@@ -270,3 +287,18 @@ def layer_matrices(stacked_params: PyTree, topology: Topology | Mixing, *, varia
   layer_w, _ = weights(stacked_params, mix, names, gamma, variant=variant, floor=floor, eps=eps)
   idx = np.asarray(mix.nbr_idx)
   return {p: to_dense(idx, np.asarray(w, np.float64)) for p, w in layer_w.items()}
+
+
+def edge_statistics(stacked_params: PyTree, mixing: Mixing, names: list[str],
+                    eps: float = 1e-6) -> dict:
+  """Mean deep relative trust between listed neighbours, a diagnostic of any algorithm's state.
+
+  Returns ``drt_log1p_mean`` (mean over the graph's edges l -> k, l != k, of
+  ``log(1 + DRT(w_l -> w_k))``, which stays finite) and ``drt_mean`` (the mean DRT itself).
+  """
+  gamma = {p: jnp.ones(()) for p in combine_lib.unique_layers(names)}
+  _, log1p_drt = weights(stacked_params, mixing, names, gamma, eps=eps)
+  edge = (jnp.arange(mixing.nbr_w.shape[1]) > 0)[None, :] & (mixing.nbr_w > 0)
+  n_edges = jnp.maximum(jnp.sum(edge), 1)
+  return {"drt_log1p_mean": jnp.sum(jnp.where(edge, log1p_drt, 0.0)) / n_edges,
+          "drt_mean": jnp.sum(jnp.where(edge, jnp.expm1(log1p_drt), 0.0)) / n_edges}

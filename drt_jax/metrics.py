@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drt_jax import combine as combine_lib
 from drt_jax.topology import Topology
 
 
@@ -42,13 +41,11 @@ def output_disagreement(probs_KxBxC, mask_B=None) -> jax.Array:
   return jnp.sum(per_example)
 
 
-def bytes_per_agent_step(topology: Topology, params_bytes: int, comm_every: int,
-                         communicates: bool = True) -> float:
-  """Average bytes an agent sends per step: its parameters to each out-neighbour, every H steps."""
-  if not communicates:
-    return 0.0
+def bytes_per_agent_step(topology: Topology, message_bytes: float) -> float:
+  """Average bytes an agent sends per step: ``message_bytes`` (what an algorithm sends one
+  out-neighbour per step on average, ``Algorithm.message_bytes``) to each of its out-neighbours."""
   edges = np.mean([topology.num_edges(t) for t in range(topology.period)])
-  return float(edges / topology.num_agents * params_bytes / comm_every)
+  return float(edges / topology.num_agents * message_bytes)
 
 
 def tree_bytes(tree, stacked: bool = True) -> int:
@@ -56,7 +53,3 @@ def tree_bytes(tree, stacked: bool = True) -> int:
   leaves = jax.tree.leaves(tree)
   return int(sum((x.size // (x.shape[0] if stacked else 1)) * x.dtype.itemsize for x in leaves))
 
-
-def layer_names(params) -> list[str]:
-  """The layer (flax module path) of each leaf of ``params``, as the metrics group them."""
-  return combine_lib.layer_names(params, "module")

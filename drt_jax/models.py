@@ -20,13 +20,11 @@ statistics and one agent's batch never touches another's.
 
 ``conv`` chooses how the convolutional models compute a convolution, with the same parameters
 and the same function every way: ``'xla'`` (``lax.conv_general_dilated``; vmapped over agents it
-becomes a grouped convolution), ``'taps'`` (:func:`shifted_matmul_conv`; vmapped, batched matrix
-products) or ``'xla_dw_matmul'`` (:func:`matmul_grad_conv`: XLA's convolution forward and for
-the input gradient, the kernel gradient as one matrix product of image patches; strided and 1x1
-convolutions as matrix products throughout); ``'xla_dw_taps'`` is the same with the kernel
-gradient as one matrix product per kernel tap (no patch matrix), and ``'xla_dw_pallas'`` with
-the kernel gradient as one Pallas kernel (:mod:`drt_jax.conv_grad`; Triton on NVIDIA GPUs,
-elsewhere the same sum as XLA matrix products).
+becomes a grouped convolution) or ``'taps'`` (:func:`shifted_matmul_conv`; vmapped, batched matrix
+products). It may also be a function with the signature of ``lax.conv_general_dilated``, which
+every ``nn.Conv`` of the model then calls (``nn.Conv(conv_general_dilated=...)``): how the
+performance lab (``benchmarks/conv_formulations.py``) runs formulations the library does not
+offer.
 """
 
 import dataclasses
@@ -39,13 +37,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from drt_jax import conv_grad
-
 Dtype = Any
-# Formulations of a convolution (see the module docstring).
-CONVS = ("xla", "taps", "xla_dw_matmul", "xla_dw_taps", "xla_dw_pallas")
-# How matmul_grad_conv computes a stride-1 kernel gradient.
-KERNEL_GRADS = ("patches", "taps", "pallas")
+# Formulations of a convolution by name (see the module docstring).
+CONVS = ("xla", "taps")
 
 
 def shifted_matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -104,90 +98,16 @@ def _tap_views(x, kh: int, kw: int, strides, padding) -> list:
                         (1, sh, sw, 1)) for u in range(kh) for v in range(kw)]
 
 
-_NHWC = ("NHWC", "HWIO", "NHWC")
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _conv_dw_matmul(x, w, strides, padding, precision, kernel_grad):
-  del kernel_grad  # how the kernel gradient is computed
-  return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC,
-                                      precision=precision)
-
-
-def _conv_dw_matmul_fwd(x, w, strides, padding, precision, kernel_grad):
-  return _conv_dw_matmul(x, w, strides, padding, precision, kernel_grad), (x, w)
-
-
-def _conv_dw_matmul_bwd(strides, padding, precision, kernel_grad, residuals, g):
-  x, w = residuals
-  _, x_vjp = jax.vjp(lambda x: jax.lax.conv_general_dilated(
-      x, w, strides, padding, dimension_numbers=_NHWC, precision=precision), x)
-  kh, kw, c, d = w.shape
-  g = g.astype(x.dtype)
-  if kernel_grad == "pallas" and conv_grad.supported(c, d, (kh, kw), x.dtype.itemsize):
-    # one kernel for every tap, accumulated on chip
-    dw = conv_grad.kernel_grad(x, g, (kh, kw), padding, precision)
-  elif kernel_grad == "patches":  # one product of the patch matrix (im2col)
-    views = _tap_views(x, kh, kw, strides, padding)
-    dw = jnp.einsum("bhwk,bhwd->kd", jnp.concatenate(views, axis=-1), g, precision=precision,
-                    preferred_element_type=jnp.float32)
-  else:  # dW[u, v] = view_uv^T @ dy: kh·kw products, no patch matrix
-    dw = jnp.stack([jnp.einsum("bhwc,bhwd->cd", view, g, precision=precision,
-                               preferred_element_type=jnp.float32)
-                    for view in _tap_views(x, kh, kw, strides, padding)])
-  return x_vjp(g)[0], dw.reshape(kh, kw, c, d).astype(w.dtype)
-
-
-_conv_dw_matmul.defvjp(_conv_dw_matmul_fwd, _conv_dw_matmul_bwd)
-
-
-def matmul_grad_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                     dimension_numbers=None, feature_group_count=1, precision=None,
-                     preferred_element_type=None, *, kernel_grad: str = "patches"):
-  """A 2-D convolution whose gradients avoid per-agent cuDNN loops, a drop-in for ``nn.Conv``.
-
-  Stride-1 convolutions keep ``lax.conv_general_dilated`` for the forward pass and the input
-  gradient; their kernel gradient is ``patches(x)^T @ dy`` with ``patches`` the ``kh·kw``
-  shifted views of ``x`` side by side (im2col), accumulated in float32. Vmapped over K agents
-  that is one batched matrix product ``[K, kh·kw·C, B·Ho·Wo] × [K, B·Ho·Wo, D]`` where XLA
-  would emit a convolution grouped over the agents. Strided and 1x1 convolutions are matrix
-  products both ways (:func:`shifted_matmul_conv`). On an H200 cuDNN ran those grouped
-  convolutions (kernel gradients; strided convolutions in every direction) as one launch per
-  agent (docs/performance.md). Same function and gradients as ``lax.conv_general_dilated``;
-  dilated, grouped or non-2-D convolutions, which the models here do not use, go to it
-  unchanged.
-
-  ``kernel_grad`` (one of :data:`KERNEL_GRADS`) chooses the kernel gradient's form:
-  ``'patches'`` as above; ``'taps'``, ``kh·kw`` products ``view_uv^T @ dy``, one per tap
-  (vmapped: ``[K, C, B·Ho·Wo] × [K, B·Ho·Wo, D]``), which reads each shifted view where it lies
-  instead of writing the ``kh·kw`` times larger patch matrix first; ``'pallas'``, one kernel for
-  all agents that walks ``x`` and ``dy`` in blocks of rows and keeps every tap's sum on chip
-  (:func:`conv_grad.kernel_grad`), for the convolutions it takes (:func:`conv_grad.supported`),
-  ``'taps'`` for the others.
-  """
-  if kernel_grad not in KERNEL_GRADS:
-    raise ValueError(f"unknown kernel_grad {kernel_grad!r}; expected one of: "
-                     f"{', '.join(KERNEL_GRADS)}")
-  if (not _plain_2d(lhs, lhs_dilation, rhs_dilation, feature_group_count)
-      or preferred_element_type is not None):
-    return jax.lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-        feature_group_count, precision=precision, preferred_element_type=preferred_element_type)
-  if rhs.shape[:2] == (1, 1) or any(st != 1 for st in window_strides):
-    return shifted_matmul_conv(lhs, rhs, window_strides, padding, precision=precision)
-  return _conv_dw_matmul(lhs, rhs, tuple(window_strides),
-                         _explicit(padding, lhs, rhs, window_strides), precision, kernel_grad)
-
-
-def _conv_cls(conv: str):
+def _conv_cls(conv: str | Callable):
+  """``nn.Conv``, or a partial of it computing with formulation ``conv`` (a name or a function)."""
+  if callable(conv):
+    return functools.partial(nn.Conv, conv_general_dilated=conv)
   if conv not in CONVS:
-    raise ValueError(f"unknown conv {conv!r}; expected one of: {', '.join(CONVS)}")
+    raise ValueError(f"unknown conv {conv!r}; expected one of: {', '.join(CONVS)}, or a "
+                     "function like lax.conv_general_dilated")
   if conv == "xla":
     return nn.Conv
-  fn = {"taps": shifted_matmul_conv, "xla_dw_matmul": matmul_grad_conv,
-        "xla_dw_taps": functools.partial(matmul_grad_conv, kernel_grad="taps"),
-        "xla_dw_pallas": functools.partial(matmul_grad_conv, kernel_grad="pallas")}[conv]
-  return functools.partial(nn.Conv, conv_general_dilated=fn)
+  return functools.partial(nn.Conv, conv_general_dilated=shifted_matmul_conv)
 
 
 class Model(NamedTuple):
@@ -197,6 +117,7 @@ class Model(NamedTuple):
   apply: Callable[[dict, jax.Array, bool], tuple[jax.Array, dict]]  # -> (logits, new_state)
   input_shape: tuple[int, ...]  # one example, e.g. (28, 28, 1)
   num_classes: int
+  name: str = ""  # the wrapped module's class, for records
 
 
 def _takes_train(module: nn.Module) -> bool:
@@ -231,7 +152,7 @@ def from_flax(module: nn.Module, input_shape: Sequence[int], num_classes: int) -
     logits, new_state = call(variables, x, train, mutable=list(state))
     return logits.astype(jnp.float32), dict(new_state)
 
-  return Model(init, apply, input_shape, num_classes)
+  return Model(init, apply, input_shape, num_classes, type(module).__name__)
 
 
 def _as_input(x, dtype):
@@ -249,7 +170,7 @@ class _BasicBlock(nn.Module):
   features: int
   strides: int = 1
   dtype: Dtype | None = None
-  conv: str = "xla"
+  conv: str | Callable = "xla"
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -276,7 +197,7 @@ class ResNet20(nn.Module):
   stage_sizes: Sequence[int] = (3, 3, 3)
   widths: Sequence[int] = (16, 32, 64)
   dtype: Dtype | None = None
-  conv: str = "xla"  # one of CONVS
+  conv: str | Callable = "xla"  # one of CONVS, or a conv_general_dilated
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -306,7 +227,7 @@ class CNN(nn.Module):
   hidden: int = 96
   batch_norm: bool = False
   dtype: Dtype | None = None
-  conv: str = "xla"  # one of CONVS
+  conv: str | Callable = "xla"  # one of CONVS, or a conv_general_dilated
 
   @nn.compact
   def __call__(self, x, train: bool):

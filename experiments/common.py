@@ -14,7 +14,7 @@ from absl import app, flags
 
 from drt_jax import config as config_lib
 from drt_jax import data as data_lib
-from drt_jax import datasets, train
+from drt_jax import datasets, inputs
 
 EXPERIMENT_FIELDS = ("compare",)
 
@@ -35,7 +35,7 @@ def data_for(c) -> data_lib.Data:
   key = (c.dataset, c.data_dir, c.download, c.data_source, c.seed if c.dataset == "synthetic"
          else None)
   if key not in _DATA:
-    _DATA[key] = train.load_data(c)
+    _DATA[key] = inputs.load_data(c)
   return _DATA[key]
 
 

@@ -7,12 +7,13 @@ shaded mean ± std band, and summarised as mean ± std of its final metrics.
 
 writes ``comparison.png`` and ``summary.md`` to ``--out`` and prints the table. From Python::
 
-  import plot
+  from experiments import plot
   groups = plot.group(plot.load("runs/sweep.jsonl"))
   print(plot.summary(groups))
   plot.plot(groups, "comparison.png")
 """
 
+import errno
 import json
 import os
 from collections.abc import Sequence
@@ -20,6 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags
 from matplotlib.figure import Figure
+
+from drt_jax import workdir as workdir_lib
 
 DEFAULT_METRICS = ("test_acc_mean", "gen_gap", "consensus_distance", "output_disagreement")
 TITLES = {
@@ -39,18 +42,19 @@ _COLUMNS = (
 
 
 def load(paths: str | Sequence[str]) -> list[dict]:
-  """The ok rows of one or more sweep files; a run stored twice (same full config) counts once."""
+  """The ok rows of one or more sweep files; a run stored twice (same full config) counts once.
+
+  A line cut short by a killed sweep is skipped with a warning; a file that is not there is an
+  error (a mistyped path must not drop its runs from the comparison unnoticed).
+  """
   paths = [paths] if isinstance(paths, str) else list(paths)
   rows = {}
   for path in paths:
-    with open(path) as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError:
-          continue  # empty, or cut short by a killed sweep
-        if row.get("status") == "ok" and isinstance(row.get("history"), list):
-          rows[json.dumps(row.get("config", row.get("key")), sort_keys=True)] = row
+    if not os.path.exists(path):
+      raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+    for row in workdir_lib.read_jsonl(path):
+      if row.get("status") == "ok" and isinstance(row.get("history"), list):
+        rows[json.dumps(row.get("config", row.get("key")), sort_keys=True)] = row
   return list(rows.values())
 
 
@@ -183,7 +187,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  import common  # noqa: PLC0415 -- experiments/common.py; here so that importing plot stays light
+  from experiments import common  # noqa: PLC0415 -- here so that importing plot stays light
 
   define_flags()
   common.run(main)

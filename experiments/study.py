@@ -26,11 +26,12 @@ are skipped):
 import json
 import os
 
-import common
 import numpy as np
-import plot as plot_lib
-import sweep
 from absl import flags, logging
+
+from drt_jax import workdir as workdir_lib
+from experiments import common, sweep
+from experiments import plot as plot_lib
 
 
 def define_flags() -> None:
@@ -170,7 +171,7 @@ def final(base, out: str, smoke: bool):
 
 
 def _tune_rows(out, status="ok"):
-  rows = sweep.read_rows(os.path.join(out, "tune.jsonl"))
+  rows = workdir_lib.read_jsonl(os.path.join(out, "tune.jsonl"))
   for r in rows:  # the method a tuning row belongs to, recovered from its overrides
     o = r["overrides"]
     for m, defn in METHODS.items():
@@ -180,7 +181,8 @@ def _tune_rows(out, status="ok"):
 
 
 def _final_rows(out):
-  rows = [r for r in sweep.read_rows(os.path.join(out, "final.jsonl")) if r.get("status") == "ok"]
+  rows = [r for r in workdir_lib.read_jsonl(os.path.join(out, "final.jsonl"))
+          if r.get("status") == "ok"]
   for r in rows:
     o = r["overrides"]
     if o.get("self_weight"):

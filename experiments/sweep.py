@@ -19,7 +19,7 @@ figures and a table.
 
 From Python::
 
-  import sweep
+  from experiments import sweep
   rows = sweep.run(base, sweep.points({"algorithm": ["atc", "drt"], "seed": [0, 1, 2]}),
                    "runs/sweep.jsonl")
 """
@@ -35,13 +35,14 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
-import common  # experiments/common.py: the script's folder is on sys.path
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from drt_jax import backends, train
 from drt_jax import config as config_lib
+from drt_jax import workdir as workdir_lib
+from experiments import common
 
 FINISHED = ("ok", "diverged")  # statuses a rerun skips
 GRID_FORM = "field=v1,v2,... (e.g. --grid=seed=0,1 or --grid=drt.strength=0.5,1.0)"
@@ -115,39 +116,7 @@ def check(base, overrides_list: Sequence[Mapping]) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The JSONL file.
-
-
-def read_rows(out: str) -> list[dict]:
-  """The rows of a sweep file (a line cut short by a killed run is skipped)."""
-  if not os.path.exists(out):
-    return []
-  rows = []
-  with open(out) as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        logging.warning("%s:%d is not JSON (cut short?); ignored", out, n)
-  return rows
-
-
-def _append(out: str, row: dict) -> dict:
-  """Appends ``row`` as one line, synced to disk; returns it as stored (JSON types)."""
-  text = json.dumps(row)
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "a+") as f:
-    f.seek(0, os.SEEK_END)
-    if f.tell():
-      f.seek(f.tell() - 1)
-      if f.read(1) != "\n":  # a line cut short by a killed run: start a new one
-        f.write("\n")
-    f.write(text + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-  return json.loads(text)
+# Rows.
 
 
 def _scalar(v):
@@ -200,7 +169,8 @@ def run(base, overrides_list: Sequence[Mapping], out: str, *, workdir_root: str 
     One row per distinct point, in order: the stored one for skipped points, else the new one.
   """
   check(base, overrides_list)
-  done = {r["key"]: r for r in read_rows(out) if r.get("status") in FINISHED and "key" in r}
+  done = {r["key"]: r for r in workdir_lib.read_jsonl(out)
+          if r.get("status") in FINISHED and "key" in r}
   todo, results = [], {}
   for overrides in overrides_list:
     key = run_key(overrides)
@@ -232,7 +202,7 @@ def run(base, overrides_list: Sequence[Mapping], out: str, *, workdir_root: str 
     except Exception as e:  # one failing point must not end the sweep
       logging.exception("run %s failed", key)
       row.update(status="error", error=_one_line(e), wall_time_s=time.perf_counter() - start)
-    results[key] = _append(out, row)
+    results[key] = workdir_lib.append_jsonl(out, row)  # synced: a killed sweep keeps it
   return list(results.values())
 
 

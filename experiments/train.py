@@ -19,12 +19,13 @@ Several processes (hosts) train one run when each starts this binary with the sa
 import json
 import os
 
-import common
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from drt_jax import backends, distributed, plotting, train
 from drt_jax import config as config_lib
+from drt_jax import workdir as workdir_lib
+from experiments import common
 
 _DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Experiment config file[:variant].")
@@ -64,7 +65,7 @@ def summary_table(histories: dict) -> str:
       value = last.get(key)
       cells.append("–" if value is None else format(value, spec))
     cells.append(format(max(r["test_acc_mean"] for r in history), ".4f"))
-    rates = [r["steps_per_sec"] for r in history[1:]]
+    rates = [r["steps_per_sec"] for r in history[1:] if r["steps_per_sec"] is not None]
     cells.append(f"{sum(rates) / len(rates):.2f}" if rates else "–")
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
@@ -88,7 +89,7 @@ def run_experiment(c, workdir: str, overwrite: bool = False) -> dict:
   """Trains every algorithm of ``c.compare`` into ``workdir``; returns algorithm -> history."""
   configs = run_configs(c)
   for name, run_config in configs.items():  # refuse before anything is trained or written
-    train.check_workdir(os.path.join(workdir, name), run_config, overwrite)
+    workdir_lib.check_workdir(os.path.join(workdir, name), run_config, overwrite)
 
   import jax  # noqa: PLC0415 -- after the host devices are set
 

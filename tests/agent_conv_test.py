@@ -1,4 +1,4 @@
-"""experiments/agent_conv.py: every formulation of the per-agent convolution is one function."""
+"""benchmarks/agent_conv.py: every formulation of the per-agent convolution is one function."""
 
 import json
 import os
@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "experiments"))
-import agent_conv  # noqa: E402
+from benchmarks import agent_conv
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class AgentConvTest(parameterized.TestCase):
@@ -41,7 +41,7 @@ class AgentConvTest(parameterized.TestCase):
     np.testing.assert_allclose(out[1], agent_conv.conv(x[1], w[0]), rtol=1e-5, atol=1e-5)
 
   def test_pinned_launch_holds_only_inside_its_block(self):
-    from drt_jax import conv_grad  # noqa: PLC0415
+    from benchmarks import conv_grad  # noqa: PLC0415
 
     self.assertEqual(agent_conv.launch_pin("dw_pallas@16:4:2"), (16, 4, 2))
     self.assertIsNone(agent_conv.launch_pin("dw_pallas"))
@@ -60,12 +60,11 @@ class AgentConvTest(parameterized.TestCase):
 class AgentConvSmokeTest(absltest.TestCase):
 
   def test_smoke_run_times_every_formulation(self):
-    script = os.path.join(os.path.dirname(agent_conv.__file__), "agent_conv.py")
     with tempfile.TemporaryDirectory() as tmp:
       out = os.path.join(tmp, "conv.jsonl")
-      proc = subprocess.run([sys.executable, script, "--smoke", "--dtypes", "float32",
-                             "--out", out], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
+      proc = subprocess.run([sys.executable, "-m", "benchmarks.agent_conv", "--smoke", "--dtypes",
+                             "float32", "--out", out], cwd=_ROOT, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
       self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
       with open(out) as f:
         rows = [json.loads(line) for line in f]

@@ -1,40 +1,49 @@
-"""experiments/benchmark.py in smoke mode: every variant yields a positive, finite throughput.
+"""The lab's benchmarks by question in smoke mode: benchmarks/train_step.py (every variant yields a
+positive, finite throughput), benchmarks/combine.py and benchmarks/data_memory.py.
 
-Runs in a subprocess so that its ``--host_devices`` (set through XLA_FLAGS before JAX starts) is
-independent of the 8 devices this test process already has.
+Each runs in a subprocess so that its ``--host_devices`` (set through XLA_FLAGS before JAX starts)
+is independent of the 8 devices this test process already has.
 """
 
-import ast
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import tempfile
 
 from absl.testing import absltest
 
-_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       "experiments", "benchmark.py")
+from benchmarks import train_step
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class BenchmarkSmokeTest(absltest.TestCase):
+def _run(module: str, *args, timeout: int = 300):
+  """``python -m benchmarks.<module> args`` from the repository root, on the CPU."""
+  # timeout: a guard against hangs, not a timing (a loaded 2-core machine takes minutes)
+  return subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=_ROOT,
+                        capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                        timeout=timeout, check=False)
+
+
+def _results(out: str) -> tuple[dict, list]:
+  """The JSON result and the JSON lines of a run that wrote ``out``."""
+  with open(out) as f:
+    result = json.load(f)
+  with open(os.path.splitext(out)[0] + ".jsonl") as f:
+    return result, [json.loads(line) for line in f]
+
+
+class TrainStepSmokeTest(absltest.TestCase):
 
   def test_smoke_run_measures_every_variant(self):
     with tempfile.TemporaryDirectory() as tmp:
       out = os.path.join(tmp, "bench.json")
-      env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-      # timeout: a guard against hangs, not a timing (a loaded 2-core machine takes minutes)
-      proc = subprocess.run(
-          [sys.executable, _SCRIPT, "--smoke", "--host_devices", "2", "--scan_steps", "2",
-           "--profile_steps", "1", "--out", out],
-          capture_output=True, text=True, env=env, timeout=300, check=False)
+      proc = _run("train_step", "--smoke", "--host_devices", "2", "--scan_steps", "2",
+                  "--profile_steps", "1", "--out", out)
       self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-      with open(out) as f:
-        result = json.load(f)
-      with open(os.path.join(tmp, "bench.jsonl")) as f:
-        lines = [json.loads(line) for line in f]
+      result, lines = _results(out)
 
     rows = result["rows"]
     self.assertEqual(result["machine"]["local_device_count"], 2)
@@ -72,14 +81,58 @@ class BenchmarkSmokeTest(absltest.TestCase):
     # The JSONL stream holds the machine line, every row and every comparison.
     self.assertIn("machine", lines[0])
     self.assertEqual([ln for ln in lines if "variant" in ln], rows)
+    self.assertEqual([ln["comparison"] for ln in lines if "comparison" in ln],
+                     result["comparisons"])
     self.assertIn("| mlp | 4 | shard(2) |", result["table"])
-    # The data-memory line: the 2 devices split the examples between them, not K copies.
-    memory = result["data_memory"]
-    self.assertEqual((memory["K"], memory["backend"]), (64, "shard"))
-    self.assertLessEqual(memory["device_bytes"], memory["split_bytes"] + 2**20)
-    self.assertLessEqual(memory["max_device_bytes"], memory["split_bytes"] // 2 + 2**20)
-    self.assertEqual(memory["k_copies_bytes"], 64 * memory["split_bytes"])
-    self.assertIn("data on device, synthetic", result["table"])
+
+  def test_lab_conv_formulation_against_an_xla_baseline_with_traces_kept(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      out, traces = os.path.join(tmp, "bench.json"), os.path.join(tmp, "traces")
+      proc = _run("train_step", "--models", "cnn", "--ks", "2", "--batch", "4", "--backends",
+                  "vmap", "--baselines", "single", "--compare=", "--steps", "1", "--warmup", "1",
+                  "--conv", "xla_dw_matmul", "--baseline_conv", "xla", "--profile_steps", "1",
+                  "--profile_dir", traces, "--out", out, timeout=120)
+      self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+      result, _ = _results(out)
+      kept = sorted(os.listdir(traces))
+      self.assertEqual(kept, ["00", "01"])  # the single model's, then vmap's
+      for name in kept:
+        self.assertTrue(os.path.exists(os.path.join(traces, name, "program.hlo.txt")))
+      convs = {}
+      for name in kept:
+        with open(os.path.join(traces, name, "program.hlo.txt")) as f:
+          convs[name] = f.read().count(" convolution(")
+    self.assertEqual((result["settings"]["conv"], result["settings"]["baseline_conv"]),
+                     ("xla_dw_matmul", "xla"))
+    self.assertIn("conv xla_dw_matmul (single and loop rows: xla)", result["table"])
+    self.assertEqual([r["conv"] for r in result["rows"]], ["xla", "xla_dw_matmul"])
+    # The single model's kernel gradients are convolutions; the vmapped program's are matrix
+    # products (3 conv layers: forward 3 + input gradient 2 + kernel gradient 3, against 5).
+    self.assertEqual((convs["00"], convs["01"]), (8, 5))
+    for r in result["rows"]:
+      self.assertEqual(r["profile"]["program"], "as timed")
+      self.assertGreater(r["profile"]["by_category"]["conv"], 0)
+
+  def test_conv_choices_are_the_library_formulations_and_the_labs(self):
+    self.assertEqual(train_step.CONVS, ("auto", "xla", "taps", "xla_dw_matmul", "xla_dw_taps",
+                                        "xla_dw_pallas"))
+
+  def test_bad_flag_is_one_line(self):
+    proc = _run("train_step", "--models", "vgg", timeout=120)
+    self.assertEqual(proc.returncode, 1, proc.stderr[-3000:])
+    self.assertEqual(proc.stderr.strip().splitlines(),
+                     ["error: --models: unknown 'vgg'; expected some of cnn, mlp, resnet20"])
+
+
+class CombineSmokeTest(absltest.TestCase):
+
+  def test_smoke_run_times_both_paths_and_reads_the_bytes_moved(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      out = os.path.join(tmp, "combine.json")
+      proc = _run("combine", "--smoke", "--host_devices", "2", "--out", out, timeout=120)
+      self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+      result, lines = _results(out)
+    self.assertEqual(result["machine"]["local_device_count"], 2)
     # The combine alone: both paths timed per K, and the ratio is theirs; on one device and on
     # the agents' mesh (its 2 host devices split K = 8 and 16).
     self.assertEqual([r["K"] for r in result["combine"]], [8, 16])
@@ -97,47 +150,31 @@ class BenchmarkSmokeTest(absltest.TestCase):
     self.assertEqual(ring["bytes_by_collective"]["all-gather"], 0)
     self.assertEqual(ring["bytes_per_device"], 2 * 256 * 4)  # one agent from each side
     self.assertGreater(full["bytes_per_device"], 2 * ring["bytes_per_device"])
+    self.assertIn("bytes received per device by one combine, ring, K = 8 on 2 devices",
+                  result["table"])
+    # The JSONL stream: the machine line, then every case as it finished.
+    self.assertIn("machine", lines[0])
+    self.assertEqual([ln["combine"] for ln in lines if "combine" in ln], result["combine"])
+    self.assertEqual([ln["combine_bytes"] for ln in lines if "combine_bytes" in ln],
+                     result["combine_bytes"])
 
-  def test_conv_formulation_against_an_xla_baseline_with_traces_kept(self):
+
+class DataMemorySmokeTest(absltest.TestCase):
+
+  def test_the_devices_split_the_examples_not_k_copies(self):
     with tempfile.TemporaryDirectory() as tmp:
-      out, traces = os.path.join(tmp, "bench.json"), os.path.join(tmp, "traces")
-      proc = subprocess.run(
-          [sys.executable, _SCRIPT, "--models", "cnn", "--ks", "2", "--batch", "4",
-           "--backends", "vmap", "--baselines", "single", "--compare=", "--steps", "1",
-           "--warmup", "1", "--data_memory=", "--combine_ks=", "--bytes_k", "0",
-           "--conv", "xla_dw_matmul", "--baseline_conv", "xla", "--profile_steps", "1",
-           "--profile_dir", traces, "--out", out],
-          capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-          timeout=120, check=False)
+      out = os.path.join(tmp, "data_memory.json")
+      proc = _run("data_memory", "--smoke", "--host_devices", "2", "--out", out, timeout=120)
       self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-      with open(out) as f:
-        result = json.load(f)
-      kept = sorted(os.listdir(traces))
-      self.assertEqual(kept, ["00", "01"])  # the single model's, then vmap's
-      for name in kept:
-        self.assertTrue(os.path.exists(os.path.join(traces, name, "program.hlo.txt")))
-      convs = {}
-      for name in kept:
-        with open(os.path.join(traces, name, "program.hlo.txt")) as f:
-          convs[name] = f.read().count(" convolution(")
-    self.assertEqual((result["settings"]["conv"], result["settings"]["baseline_conv"]),
-                     ("xla_dw_matmul", "xla"))
-    self.assertIn("conv xla_dw_matmul (single and loop rows: xla)", result["table"])
-    # The single model's kernel gradients are convolutions; the vmapped program's are matrix
-    # products (3 conv layers: forward 3 + input gradient 2 + kernel gradient 3, against 5).
-    self.assertEqual((convs["00"], convs["01"]), (8, 5))
-    for r in result["rows"]:
-      self.assertEqual(r["profile"]["program"], "as timed")
-      self.assertGreater(r["profile"]["by_category"]["conv"], 0)
-
-
-  def test_conv_choices_are_the_models_formulations(self):
-    # The script defines its flags before JAX (and the models) are imported, so it lists them.
-    from drt_jax import models  # noqa: PLC0415
-
-    with open(_SCRIPT) as f:
-      listed = re.search(r"^_CONVS = (\[.*?\])", f.read(), re.M).group(1)
-    self.assertEqual(ast.literal_eval(listed), ["auto", *models.CONVS])
+      result, lines = _results(out)
+    # The data-memory line: the 2 devices split the examples between them, not K copies.
+    memory = result["data_memory"]
+    self.assertEqual((memory["K"], memory["backend"]), (64, "shard"))
+    self.assertLessEqual(memory["device_bytes"], memory["split_bytes"] + 2**20)
+    self.assertLessEqual(memory["max_device_bytes"], memory["split_bytes"] // 2 + 2**20)
+    self.assertEqual(memory["k_copies_bytes"], 64 * memory["split_bytes"])
+    self.assertIn("data on device, synthetic", result["table"])
+    self.assertEqual(lines[-1], {"data_memory": memory})
 
 
 if __name__ == "__main__":

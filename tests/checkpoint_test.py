@@ -1,6 +1,5 @@
 """Checkpoints, automatic resume (in-process and after SIGKILL), and the divergence check."""
 
-import functools
 import json
 import os
 import random
@@ -16,30 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 import resume_worker
 from absl.testing import absltest, parameterized
+from fixtures import TINY, tiny_data, untimed
 
-from drt_jax import backends, checkpoint, config, data, train
+from drt_jax import backends, build, checkpoint, config, data, train
 
-TINY = {
-    "num_agents": 4, "model": "mlp", "model_options": {"hidden": (16,)}, "batch_size": 8,
-    "num_steps": 6, "eval_every": 3, "eval_examples": 64, "train_eval_examples": 64,
-    "eval_batch_size": 32, "backend": "vmap", "optimizer": "momentum", "learning_rate": 0.05,
-    "algorithm": "drt",
-}
-TIMING = ("wall_time", "steps_per_sec")
-
-
-@functools.cache
-def tiny_data():
-  return data.synthetic(num_train=256, num_test=64, shape=(8, 8, 1), seed=0)
+TINY = {**TINY, "algorithm": "drt"}
 
 
 def _rows(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
-
-
-def _untimed(rows):
-  return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
 def _assert_trees_equal(test, a, b):
@@ -51,9 +36,9 @@ def _assert_trees_equal(test, a, b):
 
 def _template(c, backend_place=True):
   c = config.resolve(c)
-  model = train.make_model(c, tiny_data())
-  alg = train.make_algorithm(c)
-  state = train.init_state(c, model, alg, train.make_topology(c))
+  model = build.model(c, tiny_data())
+  alg = build.algorithm(c)
+  state = build.init_state(c, model, alg, build.topology(c))
   return backends.place(state, c.backend, c.num_agents) if backend_place else state
 
 
@@ -118,12 +103,12 @@ class ResumeTest(parameterized.TestCase):
       self.assertEqual(checkpoint.latest_step(run), 4)
       resumed = train.train_and_evaluate(c, run, tiny_data())
       self.assertEqual([r["step"] for r in _rows(run)], [0, 3, 6, 8])
-      self.assertEqual(_untimed(_rows(run)), _untimed(_rows(ref)))
-      self.assertEqual(_untimed(resumed), _untimed(full))
+      self.assertEqual(untimed(_rows(run)), untimed(_rows(ref)))
+      self.assertEqual(untimed(resumed), untimed(full))
       _assert_trees_equal(self, checkpoint.load(run)[0], checkpoint.load(ref)[0])
       # A finished run is not trained again: its history comes back from the workdir.
       again = train.train_and_evaluate(c, run, tiny_data())
-      self.assertEqual(_untimed(again), _untimed(full))
+      self.assertEqual(untimed(again), untimed(full))
 
   def test_overwrite_starts_afresh_and_another_config_is_refused(self):
     c = {**TINY, "num_steps": 4, "checkpoint_every": 2}
@@ -178,7 +163,7 @@ class ResumeTest(parameterized.TestCase):
       rows = _rows(run_dir)
       steps = [r["step"] for r in rows]
       self.assertEqual(steps, [0, 5, 10, 15, 20, 24], f"seed {seed}, killed after {killed_at}")
-      self.assertEqual(_untimed(rows), _untimed(_rows(ref)), f"seed {seed}")
+      self.assertEqual(untimed(rows), untimed(_rows(ref)), f"seed {seed}")
       final, _ = checkpoint.load(run_dir)
       _assert_trees_equal(self, final, checkpoint.load(ref)[0])
       self.assertEqual(int(final["step"]), num_steps)

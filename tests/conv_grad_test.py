@@ -1,9 +1,9 @@
-"""Tests for drt_jax.conv_grad: the Pallas kernel gradient equals XLA's, and lowers to Triton.
+"""Tests for benchmarks/conv_grad.py: the Pallas kernel gradient equals XLA's, and lowers to Triton.
 
 On a CPU Pallas's interpreter runs the kernel (``interpret=True``): the same grid, blocks and
 products, so the values test the indexing; the default there is the same sum as XLA matrix
 products. The CUDA lowering (Pallas to Triton IR, no GPU needed) tests that Triton takes the
-kernel's shapes and operations; compiling that IR needs a GPU (experiments/gpu_bench.sh).
+kernel's shapes and operations; compiling that IR needs a GPU (benchmarks/gpu_bench.sh).
 """
 
 import functools
@@ -16,7 +16,8 @@ from jax import export
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from drt_jax import conv_grad, models
+from benchmarks import conv_formulations, conv_grad
+from drt_jax import models
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -159,10 +160,10 @@ class CudaLoweringTest(parameterized.TestCase):
     self.assertEqual(_cuda_module(f, x, x, mesh=mesh).count("__gpu$xla.gpu.triton"), 1)
 
   def test_the_model_step_has_no_grouped_kernel_gradient(self):
-    """A small ResNet-20's vmapped gradient lowers for CUDA with conv='xla_dw_pallas': every
+    """A small ResNet-20's vmapped gradient lowers for CUDA with the lab's 'xla_dw_pallas': every
     stride-1 kernel gradient with power-of-two channels is a Triton kernel."""
-    model = models.make("resnet20", conv="xla_dw_pallas", stage_sizes=(1, 1, 1),
-                        input_shape=(8, 8, 3))
+    model = models.make("resnet20", conv=conv_formulations.conv_fn("xla_dw_pallas"),
+                        stage_sizes=(1, 1, 1), input_shape=(8, 8, 3))
     variables = jax.eval_shape(jax.vmap(model.init), jax.random.split(jax.random.key(0), 4))
     x = jax.ShapeDtypeStruct((4, 2, 8, 8, 3), jnp.float32)
 

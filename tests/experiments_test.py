@@ -1,4 +1,5 @@
-"""The experiment binary and its configs: each config's smoke variant runs, logs every metric."""
+"""The experiment binary and its configs: each config's smoke variant runs, logs every metric;
+variants such as ``algorithm=atc,agents=32,smoke`` set their fields or are refused in one line."""
 
 import importlib.util
 import json
@@ -10,13 +11,16 @@ import tempfile
 import tensorflow_datasets as tfds
 from absl.testing import absltest, parameterized
 
+from drt_jax import config as config_lib
+from experiments import train as train_binary
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _EXPERIMENTS = os.path.join(_ROOT, "experiments")
-sys.path.insert(0, _EXPERIMENTS)
-
-import train as train_binary  # noqa: E402  (experiments/train.py)
 
 CONFIGS = ("default", "mnist", "fashion_mnist", "cifar10_resnet20")
+# The k=v knobs every config file takes besides ``algorithm``, and the fields they set.
+KNOB_FIELDS = {"agents": "num_agents", "topology": "topology", "steps": "num_steps",
+               "seed": "seed", "lr": "learning_rate"}
 # What every row of metrics.jsonl must hold (drt_diffusion.md, "What to measure").
 METRICS = ("step", "test_acc_mean", "test_acc_min", "test_acc_max", "test_acc_per_agent",
            "centroid_test_acc", "train_acc_mean", "gen_gap", "consensus_distance",
@@ -66,6 +70,92 @@ class ConfigSmokeTest(parameterized.TestCase):
       get_config("default", "huge")
 
 
+class VariantTest(parameterized.TestCase):
+  """``get_config(arg)``: comma-separated flags and k=v knobs, parsed by config.parse_arg."""
+
+  def test_knobs_set_fields_together_with_smoke(self):
+    c = get_config("default", "algorithm=atc,agents=32,smoke")
+    self.assertEqual(c.num_agents, 32)
+    self.assertEqual(c.algorithm, "atc")
+    self.assertEqual(c.compare, ("atc",))  # one run of the named algorithm, not DRT vs ATC
+    smoke = get_config("default", "smoke")
+    self.assertEqual((c.num_steps, c.model_options.hidden),
+                     (smoke.num_steps, smoke.model_options.hidden))
+    # Knobs apply after the flags, whatever the order.
+    self.assertEqual(get_config("default", "smoke,agents=32,algorithm=atc").to_dict(),
+                     c.to_dict())
+
+  @parameterized.parameters(*CONFIGS)
+  def test_each_knob_sets_its_field_alone(self, name):
+    base = get_config(name).to_dict()
+    c = get_config(name, "agents=7,topology=torus,steps=3,seed=5,lr=1").to_dict()
+    expected = {**base, "num_agents": 7, "topology": "torus", "num_steps": 3, "seed": 5,
+                "learning_rate": 1.0}
+    self.assertEqual(c, expected)
+    self.assertIsInstance(c["learning_rate"], float)  # lr=1 becomes the field's float
+
+  @parameterized.parameters(*CONFIGS)
+  def test_existing_variants_unchanged(self, name):
+    c = get_config(name)
+    self.assertEqual(c.to_dict(), get_config(name, None).to_dict())
+    self.assertEqual(c.to_dict(), get_config(name, "").to_dict())
+    self.assertEqual(c.compare, ("drt", "atc"))
+    # Every knob at its default, spelt out, is the config itself.
+    arg = ",".join(f"{knob}={c[field]!r}" for knob, field in KNOB_FIELDS.items())
+    self.assertEqual(get_config(name, arg).to_dict(), c.to_dict())
+    smoke = get_config(name, "smoke")
+    self.assertLess(smoke.num_steps, c.num_steps)
+    self.assertEqual(get_config(name, "smoke,").to_dict(), smoke.to_dict())
+
+  def test_default_and_smoke_as_documented(self):
+    c = get_config("default")
+    self.assertEqual((c.num_agents, c.num_steps, c.eval_every, c.learning_rate, c.batch_size),
+                     (16, 300, 50, 0.01, 16))
+    c = get_config("default", "smoke")
+    self.assertEqual((c.num_agents, c.num_steps, c.eval_every, c.eval_examples,
+                      c.train_eval_examples), (4, 4, 2, 64, 64))
+    self.assertEqual(c.model_options.to_dict(), {"features": (4, 8, 8), "hidden": 16})
+
+  @parameterized.parameters(
+      ("bogus=1", "unknown knob 'bogus' in 'bogus=1'"),
+      ("smoke,huge", "unknown variant 'huge'"),
+      ("agents=", "malformed config variant 'agents='; expected name=value"),
+      ("=4", "malformed config variant '=4'"),
+      ("agents", "knob 'agents' needs a value, e.g. agents=16"),
+      ("smoke=1", "flag 'smoke' takes no value"),
+      ("agents=abc", "knob 'agents' takes a value of type int such as agents=16, got "
+       "'agents=abc'"),
+      ("agents=True", "knob 'agents' takes a value of type int"),
+      ("lr=fast", "knob 'lr' takes a value of type float"),
+      ("algorithm=3", "knob 'algorithm' takes a value of type str"),
+      ("agents=4,agents=8", "'agents' given twice"),
+      ("steps=(1", "unbalanced brackets"),
+      ("algorithm='atc", "unbalanced brackets or quotes"))
+  def test_bad_variant_is_one_line_listing_what_is_accepted(self, arg, expected):
+    with self.assertRaises(ValueError) as caught:
+      get_config("default", arg)
+    message = str(caught.exception)
+    self.assertIn(expected, message)
+    self.assertNotIn("\n", message)
+    self.assertEndsWith(message, "; accepted: knobs agents=16, algorithm='', topology='ring', "
+                        "steps=300, seed=0, lr=0.01; flags smoke")
+
+  def test_parse_arg_values(self):
+    knobs = {"features": (1, 1), "lr": 0.1, "name": "a", "k": 1}
+    values, flags = config_lib.parse_arg(
+        " features=(8, 8), lr=1e-3,name=atc , k=3,smoke", knobs, ("smoke", "tiny"))
+    self.assertEqual(values, {"features": (8, 8), "lr": 1e-3, "name": "atc", "k": 3})
+    self.assertEqual(flags, {"smoke"})
+    self.assertEqual(config_lib.parse_arg("features=[2, 3],lr=2", knobs),
+                     ({"features": (2, 3), "lr": 2.0}, set()))
+    self.assertEqual(config_lib.parse_arg("name='x,y'", knobs), ({"name": "x,y"}, set()))
+    for arg in (None, ""):
+      self.assertEqual(config_lib.parse_arg(arg, knobs), ({}, set()))
+    with self.assertRaisesRegex(ValueError, "^unknown variant 'x'; accepted: knobs none; "
+                                "flags none$"):
+      config_lib.parse_arg("x", {})
+
+
 class BinaryTest(absltest.TestCase):
 
   def test_workdir_of_another_config_is_refused_unless_overwrite(self):
@@ -112,7 +202,9 @@ class BinaryTest(absltest.TestCase):
         ([smoke, "--config.topology_options.rows=3"],
          "config.topology_options.rows=3 is not accepted; expected an option of 'ring'"),
         ([f"--config={_EXPERIMENTS}/configs/bogus.py"], "No such file or directory"),
-        ([f"{smoke}x"], "unknown variant 'smokex'")):
+        ([f"{smoke}x"], "unknown variant 'smokex'"),
+        ([f"{smoke},agents=abc"], "knob 'agents' takes a value of type int such as agents=16, "
+         "got 'agents=abc'; accepted: knobs agents=16, algorithm='',")):
       proc = subprocess.run(
           [sys.executable, os.path.join(_EXPERIMENTS, "train.py"), "--workdir=/nonexistent/x",
            *args], capture_output=True, text=True, env=env, timeout=120, check=False)
@@ -121,6 +213,20 @@ class BinaryTest(absltest.TestCase):
       self.assertTrue(last.startswith("error: "), proc.stderr[-2000:])
       self.assertIn(expected, last)
 
+  def test_variant_knobs_from_the_command_line(self):
+    # The k=v form end to end, as small as a run gets: 4 agents, 2 steps, ATC alone.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    config = f"--config={_EXPERIMENTS}/configs/default.py:smoke,agents=4,steps=2,algorithm=atc"
+    with tempfile.TemporaryDirectory() as workdir:
+      proc = subprocess.run(
+          [sys.executable, os.path.join(_EXPERIMENTS, "train.py"), config, f"--workdir={workdir}",
+           "--host_devices=1"], capture_output=True, text=True, env=env, timeout=300, check=False)
+      self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+      self.assertEqual(sorted(os.listdir(workdir)), ["atc", "comparison.png", "summary.md"])
+      with open(os.path.join(workdir, "atc", "config.json")) as f:
+        run = json.load(f)
+      self.assertEqual((run["num_agents"], run["num_steps"], run["algorithm"]), (4, 2, "atc"))
+      self.assertEqual(run["model_options"]["hidden"], 16)  # the smoke model
 
 if __name__ == "__main__":
   absltest.main()

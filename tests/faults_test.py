@@ -1,31 +1,21 @@
 """Fault injection: masked combination matrices, faults inside the train step, a faulty run."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
+from fixtures import TINY, tiny_data
 
-from drt_jax import algorithms, config, data, drt, faults, topology, train
+from drt_jax import algorithms, build, config, data, drt, faults, inputs, topology, train
 from drt_jax import combine as combine_lib
 from drt_jax.types import Mixing
 
-TINY = {
-    "num_agents": 4, "model": "mlp", "model_options": {"hidden": (16,)}, "batch_size": 8,
-    "num_steps": 6, "eval_every": 3, "eval_examples": 64, "train_eval_examples": 64,
-    "eval_batch_size": 32, "backend": "vmap", "optimizer": "momentum", "learning_rate": 0.05,
-}
 GRAPHS = (("ring", "ring", 8, {}), ("torus", "torus", 9, {}), ("full", "full", 5, {}),
           ("star", "star", 6, {}), ("erdos_renyi", "erdos_renyi", 10, {"p": 0.5}),
           ("exponential_directed", "exponential", 8, {}),
           ("random_matching_time_varying", "random_matching", 8, {"period": 4}),
           ("grid_uniform_not_symmetric", "grid", 6, {"weights": "uniform"}))
-
-
-@functools.cache
-def tiny_data():
-  return data.synthetic(num_train=256, num_test=64, shape=(8, 8, 1), seed=0)
 
 
 def _patterns(mixing, spec, n):
@@ -133,11 +123,11 @@ class MaskedMatrixTest(parameterized.TestCase):
 
 def _programs(c, d):
   c = config.resolve(c)
-  model = train.make_model(c, d)
-  alg = train.make_algorithm(c)
-  topo = train.make_topology(c)
-  dev = train.device_data(d, data.partition_iid(len(d.train_labels), c.num_agents))
-  return c, train.build_programs(c, model, alg), train.init_state(c, model, alg, topo), topo, dev
+  model = build.model(c, d)
+  alg = build.algorithm(c)
+  topo = build.topology(c)
+  dev = inputs.device_data(d, data.partition_iid(len(d.train_labels), c.num_agents))
+  return c, build.programs(c, model, alg), build.init_state(c, model, alg, topo), topo, dev
 
 
 def _pattern_at(c, state, topo):
@@ -208,8 +198,8 @@ class FaultyStepTest(parameterized.TestCase):
     faulty, c2 = lowered({"link_failure": 0.1})
     self.assertEqual(clean, reseeded)
     self.assertNotEqual(clean, faulty)
-    self.assertEqual(train._static_key(c0, None), train._static_key(c1, None))
-    self.assertNotEqual(train._static_key(c0, None), train._static_key(c2, None))
+    self.assertEqual(build.step_spec(c0), build.step_spec(c1))
+    self.assertNotEqual(build.step_spec(c0), build.step_spec(c2))
 
 
 class FaultyRunTest(absltest.TestCase):

@@ -1,4 +1,4 @@
-"""experiments/kernel_resources.py: the Pallas kernel's Triton IR, lowered for CUDA on a CPU."""
+"""benchmarks/kernel_resources.py: the Pallas kernel's Triton IR, lowered for CUDA on a CPU."""
 
 import importlib.util
 import json
@@ -9,9 +9,9 @@ import sys
 
 from absl.testing import absltest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "experiments"))
-import kernel_resources  # noqa: E402
+from benchmarks import kernel_resources
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class TritonIrTest(absltest.TestCase):
@@ -25,10 +25,10 @@ class TritonIrTest(absltest.TestCase):
     self.assertTrue("tensor<32x16xf32>" in pinned)
 
   def test_launch_table_is_the_rule_applied_to_the_recorded_sweep(self):
-    from drt_jax import conv_grad  # noqa: PLC0415
+    from benchmarks import conv_grad  # noqa: PLC0415
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
-                        "performance", "cpu_2026-11-27", "kernel_resources_sm90.jsonl")
+    path = os.path.join(_ROOT, "docs", "performance", "cpu_2026-11-27",
+                        "kernel_resources_sm90.jsonl")
     with open(path) as f:
       rows = [json.loads(line) for line in f]
     for (c, itemsize), config in conv_grad.LAUNCH.items():
@@ -41,9 +41,8 @@ class TritonIrTest(absltest.TestCase):
 
   @absltest.skipIf(importlib.util.find_spec("triton") is not None, "triton is installed")
   def test_without_triton_one_clear_line(self):
-    script = os.path.join(os.path.dirname(kernel_resources.__file__), "kernel_resources.py")
-    proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=60,
-                          check=False)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources"], cwd=_ROOT,
+                          capture_output=True, text=True, timeout=60, check=False)
     self.assertNotEqual(proc.returncode, 0)
     self.assertIn("needs the triton package (pip install triton)", proc.stderr)
 

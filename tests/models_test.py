@@ -111,8 +111,8 @@ class ModelsTest(chex.TestCase):
 
 
 class ConvFormulationTest(parameterized.TestCase):
-  """conv='taps', 'xla_dw_matmul', 'xla_dw_taps' and 'xla_dw_pallas' are the same function of the
-  same parameters as 'xla'."""
+  """conv='taps', or any function in the place of lax.conv_general_dilated, is the same function
+  of the same parameters as 'xla'. (The lab's formulations: tests/conv_formulations_test.py.)"""
 
   @parameterized.parameters(
       ((9, 9, 3), (3, 3), (1, 1), "SAME"), ((8, 8, 4), (3, 3), (2, 2), "SAME"),
@@ -128,77 +128,33 @@ class ConvFormulationTest(parameterized.TestCase):
     self.assertEqual(got.shape, want.shape)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
-  @parameterized.product(
-      case=(((9, 9, 3), (3, 3), (1, 1), "SAME"), ((8, 8, 4), (3, 3), (2, 2), "SAME"),
-            ((7, 6, 2), (1, 1), (2, 2), "SAME"), ((8, 8, 2), (3, 3), (1, 2), "VALID"),
-            ((8, 8, 2), (3, 3), (1, 1), ((2, 0), (1, 1))),
-            # channels the Pallas kernel takes (the others fall back to per-tap products)
-            ((6, 6, 16), (3, 3), (1, 1), "SAME"), ((6, 5, 16), (3, 3), (1, 1), "VALID")),
-      kernel_grad=models.KERNEL_GRADS)
-  def test_matmul_grad_conv_matches_lax_vmapped(self, case, kernel_grad):
-    shape, kernel, strides, padding = case
-    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(k1, (3, 2, *shape))  # 3 agents
-    w = jax.random.normal(k2, (3, *kernel, shape[-1], 16 if shape[-1] == 16 else 5))
-
-    def value_and_grads(conv):
-      def fn(x, w):
-        y = conv(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return jnp.sum(jnp.sin(y) * jax.random.normal(k3, y.shape))
-      return jax.jit(jax.vmap(jax.value_and_grad(fn, argnums=(0, 1))))(x, w)
-
-    want = value_and_grads(jax.lax.conv_general_dilated)
-    got = value_and_grads(functools.partial(models.matmul_grad_conv, kernel_grad=kernel_grad))
-    chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-4)
-
-  def test_unknown_kernel_grad(self):
-    with self.assertRaisesWithLiteralMatch(
-        ValueError, "unknown kernel_grad 'fft'; expected one of: patches, taps, pallas"):
-      models.matmul_grad_conv(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2)), (1, 1), "SAME",
-                              kernel_grad="fft")
-
-  @parameterized.parameters("patches", "taps")
-  def test_matmul_grad_conv_kernel_gradient_is_a_dot(self, kernel_grad):
-    """The point of it: vmapped, the kernel gradient is a dot, not a grouped convolution."""
-    x, w = jnp.ones((4, 2, 8, 8, 3)), jnp.ones((4, 3, 3, 3, 5))
-
-    def compiled_grad_w(conv):
-      def fn(x, w):
-        return jnp.sum(conv(x, w, (1, 1), "SAME",
-                            dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2)
-      return jax.jit(jax.vmap(jax.grad(fn, argnums=1))).lower(x, w).compile().as_text()
-
-    # Forward and kernel gradient are both grouped convolutions over the 4 agents ...
-    self.assertEqual(compiled_grad_w(jax.lax.conv_general_dilated).count(" convolution("), 2)
-    text = compiled_grad_w(functools.partial(models.matmul_grad_conv, kernel_grad=kernel_grad))
-    self.assertEqual(text.count(" convolution("), 1)  # ... here only the forward one is,
-    # and the kernel gradient is batched matrix products: one of patches, or one per tap
-    # (XLA may merge some of those).
-    dots = text.count(" dot(")
-    self.assertTrue(dots > 1 if kernel_grad == "taps" else dots == 1, dots)
-
   # Small versions: the strided convolutions and 1x1 shortcuts are there, the compile time not.
   @parameterized.parameters(
       ("resnet20", {"stage_sizes": (1, 1, 1), "widths": (4, 8, 8), "input_shape": (12, 12, 3)}),
       ("cnn", {"features": (4, 8), "hidden": 16, "input_shape": (12, 12, 1)}))
   def test_same_parameters_outputs_and_gradients_vmapped(self, name, kw):
-    for conv in ("taps", "xla_dw_matmul", "xla_dw_taps"):
-      with self.subTest(conv):
-        self._check_same_as_xla(name, kw, conv)
+    self._check_same_as_xla(name, kw, "taps")
 
-  @parameterized.parameters(
-      ("resnet20", {"stage_sizes": (1,), "widths": (16,), "input_shape": (6, 6, 3)}),
-      ("cnn", {"features": (16, 16), "hidden": 16, "input_shape": (8, 8, 1)}))
-  def test_pallas_kernel_gradients_vmapped(self, name, kw):
-    """Channels from 16 up, so the stride-1 kernel gradients take conv_grad's path (on a CPU its
-    XLA products; the kernel itself: conv_grad_test)."""
-    self._check_same_as_xla(name, kw, "xla_dw_pallas")
+  def test_a_function_computes_every_convolution(self):
+    """conv may be a conv_general_dilated: every nn.Conv of the model calls it."""
+    calls = []
+
+    def counted(*args, **kw):
+      calls.append(args[1].shape)  # the kernel
+      return jax.lax.conv_general_dilated(*args, **kw)
+
+    model = models.make("resnet20", conv=counted, stage_sizes=(1, 1, 1), widths=(4, 8, 8),
+                        input_shape=(12, 12, 3))
+    jax.eval_shape(model.init, jax.random.key(0))  # traced, not compiled
+    # The stem, two per block, and the 1x1 shortcuts of the two blocks that change shape.
+    self.assertLen(calls, 1 + 2 * 3 + 2)
+    self.assertIn((1, 1, 4, 8), calls)
 
   def _check_same_as_xla(self, name, kw, conv):
-    xla, taps = models.make(name, **kw), models.make(name, conv=conv, **kw)
+    xla, other = models.make(name, **kw), models.make(name, conv=conv, **kw)
     keys = jax.random.split(jax.random.key(0), 2)
     variables = jax.vmap(xla.init)(keys)
-    chex.assert_trees_all_equal_shapes(variables, jax.vmap(taps.init)(keys))
+    chex.assert_trees_all_equal_shapes(variables, jax.vmap(other.init)(keys))
     x = jax.random.normal(jax.random.key(1), (2, 3, *xla.input_shape))
 
     def per_agent(model):
@@ -208,7 +164,7 @@ class ConvFormulationTest(parameterized.TestCase):
       rest = {k: v for k, v in variables.items() if k != "params"}
       return jax.jit(jax.vmap(jax.value_and_grad(loss)))(variables["params"], x, rest)
 
-    want, got = per_agent(xla), per_agent(taps)
+    want, got = per_agent(xla), per_agent(other)
     chex.assert_trees_all_close(got, want, rtol=2e-4, atol=2e-4)
 
   def test_other_convolutions_fall_back_to_lax(self):
@@ -220,9 +176,9 @@ class ConvFormulationTest(parameterized.TestCase):
 
   def test_unknown_conv(self):
     with self.assertRaisesWithLiteralMatch(
-        ValueError, "unknown conv 'fft'; expected one of: xla, taps, xla_dw_matmul, xla_dw_taps, "
-        "xla_dw_pallas"):
-      models.make("cnn", conv="fft").init(jax.random.key(0))
+        ValueError, "unknown conv 'xla_dw_matmul'; expected one of: xla, taps, or a function "
+        "like lax.conv_general_dilated"):
+      models.make("cnn", conv="xla_dw_matmul").init(jax.random.key(0))
 
 
 class _WithTrain(nn.Module):

@@ -17,19 +17,18 @@ import time
 from unittest import mock
 
 import jax
+import multihost_config  # tests/multihost_config.py: pytest puts tests/ on sys.path
 import numpy as np
 from absl.testing import absltest
+from fixtures import untimed
 
 from drt_jax import backends, checkpoint, distributed, train
+from drt_jax import workdir as workdir_lib
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _BINARY = os.path.join(_ROOT, "experiments", "train.py")
 _CONFIG = os.path.join(_ROOT, "tests", "multihost_config.py")
 _TIMEOUT_S = 240  # per launch; a healthy one takes about 10 s on 2 cores
-TIMING = ("wall_time", "steps_per_sec")
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import multihost_config  # noqa: E402
 
 
 def _free_port() -> int:
@@ -86,10 +85,6 @@ def _library_config(**overrides) -> dict:
   return {**c, "algorithm": "drt", **overrides}
 
 
-def _untimed(rows):
-  return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-
-
 class MultiProcessRunTest(absltest.TestCase):
   """One 2-process run, then several assertions on what it left."""
 
@@ -117,7 +112,7 @@ class MultiProcessRunTest(absltest.TestCase):
 
   def test_files_are_written_once(self):
     run_dir = os.path.join(self.workdir, "drt")
-    rows = train.read_metrics(run_dir)
+    rows = workdir_lib.read_metrics(run_dir)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
       self.assertLen(f.readlines(), len(rows))  # one line per evaluation, no second writer
     self.assertEqual([r["step"] for r in rows], [0, 3, 6])
@@ -135,11 +130,11 @@ class MultiProcessRunTest(absltest.TestCase):
     if jax.device_count() < 8:
       self.skipTest("needs 8 devices in the test process (conftest.py)")
     multi_dir = os.path.join(self.workdir, "drt")
-    multi_rows = _untimed(train.read_metrics(multi_dir))
+    multi_rows = untimed(workdir_lib.read_metrics(multi_dir))
     multi_state, _ = checkpoint.load(multi_dir)
     for backend in ("vmap", "shard"):
       run_dir = os.path.join(self.tmp, backend)
-      rows = _untimed(train.train_and_evaluate(_library_config(backend=backend), run_dir))
+      rows = untimed(train.train_and_evaluate(_library_config(backend=backend), run_dir))
       state, _ = checkpoint.load(run_dir)
       self.assertEqual(len(rows), len(multi_rows))
       for got, want in zip(multi_rows, rows):
@@ -161,7 +156,8 @@ class MultiProcessRunTest(absltest.TestCase):
       self.assertEqual(code, 0, stderr[-3000:])
       self.assertIn("resuming from the checkpoint of step 3", stderr)
     original, resumed = (os.path.join(d, "drt") for d in (self.workdir, run_dir))
-    self.assertEqual(_untimed(train.read_metrics(resumed)), _untimed(train.read_metrics(original)))
+    self.assertEqual(untimed(workdir_lib.read_metrics(resumed)),
+                     untimed(workdir_lib.read_metrics(original)))
     for got, want in zip(jax.tree.leaves(checkpoint.load(resumed)[0]),
                          jax.tree.leaves(checkpoint.load(original)[0])):
       np.testing.assert_array_equal(got, want)

@@ -69,3 +69,6 @@ def test_notebook_runs_in_smoke_mode(tmp_path):
   images = [out for out in outputs if "image/png" in out.get("data", {})]
   assert len(images) >= 6, f"expected the notebook's figures, got {len(images)} images"
   assert (tmp_path / "drt_diffusion_figures" / "curves.png").is_file()
+  bars = [out for out in outputs
+          if "application/vnd.jupyter.widget-view+json" in out.get("data", {})]
+  assert bars, "expected the training cells' progress bars (tqdm widgets)"

@@ -1,16 +1,12 @@
-"""experiments/op_profile.py: device time is attributed to the right kind of op, and all of it."""
+"""benchmarks/op_profile.py: device time is attributed to the right kind of op, and all of it."""
 
-import os
-import sys
 from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 from absl.testing import absltest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "experiments"))
-import op_profile  # noqa: E402
+from benchmarks import op_profile
 
 # A hand-written optimised module: a header whose tuple result carries /*index=5*/ (which holds
 # an '=' and once ended a computation early), a variadic reduce-window, a cuDNN convolution

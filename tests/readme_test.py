@@ -31,7 +31,7 @@ def test_quickstart_is_extracted():
 
 
 @pytest.mark.skipif(datasets.embedded_dir("mnist") is None,
-                    reason="embedded MNIST not installed (scripts/install_data.sh)")
+                    reason="embedded MNIST not installed (python -m drt_jax.install_data)")
 def test_quickstart_runs(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   # A reader's interpreter: one CPU device, not the test suite's virtual host devices.

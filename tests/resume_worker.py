@@ -22,9 +22,10 @@ def main(workdir: str, delay: float = 0.0) -> None:
 
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   from drt_jax import data, train  # noqa: PLC0415
+  from drt_jax import step as step_lib  # noqa: PLC0415
 
   if delay:
-    programs_for = train.programs_for
+    programs_for = step_lib.programs_for
 
     def slow_programs(*args, **kw):
       progs = programs_for(*args, **kw)
@@ -36,7 +37,7 @@ def main(workdir: str, delay: float = 0.0) -> None:
 
       return progs._replace(train_step=slow_step)
 
-    train.programs_for = slow_programs
+    step_lib.programs_for = slow_programs
   d = data.synthetic(num_train=256, num_test=64, shape=(8, 8, 1), seed=0)
   train.train_and_evaluate(CONFIG, workdir, d)
 

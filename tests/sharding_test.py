@@ -10,7 +10,19 @@ import optax
 from absl.testing import absltest, parameterized
 from jax.sharding import NamedSharding, PartitionSpec
 
-from drt_jax import algorithms, backends, combine, config, data, partition, topology, train
+from drt_jax import (
+  algorithms,
+  backends,
+  build,
+  combine,
+  config,
+  data,
+  inputs,
+  partition,
+  topology,
+  train,
+)
+from drt_jax import step as step_lib
 
 K = 16
 CIRCULANT = ("ring", "torus", "exponential", "one_peer_exponential", "full")
@@ -86,8 +98,8 @@ class CollectivesTest(parameterized.TestCase):
     d = data.synthetic(num_train=256, num_test=16, shape=(4, 4, 1), seed=0)
     c = config.resolve({"num_agents": K, "model": "mlp", "model_options": {"hidden": (8,)},
                         "backend": "shard", "algorithm": "drt", "same_init": False})
-    model, alg = train.make_model(c, d), train.make_algorithm(c)
-    state = train.init_state(c, model, alg, train.make_topology(c))
+    model, alg = build.model(c, d), build.algorithm(c)
+    state = build.init_state(c, model, alg, build.topology(c))
     n = jax.local_device_count()
     for leaf in jax.tree.leaves((state.params, state.alg_state)):
       if leaf.ndim and leaf.shape[0] == K:
@@ -99,8 +111,8 @@ class CollectivesTest(parameterized.TestCase):
     d = data.synthetic(num_train=256, num_test=16, shape=(4, 4, 1), seed=0)
     c = config.resolve({"num_agents": K, "model": "mlp", "model_options": {"hidden": (8,)},
                         "backend": "shard", "algorithm": "drt", "batch_size": 4})
-    model, alg, topo = train.make_model(c, d), train.make_algorithm(c), train.make_topology(c)
-    dev = train.device_data(d, data.partition_iid(len(d.train_labels), K), "shard")
+    model, alg, topo = build.model(c, d), build.algorithm(c), build.topology(c)
+    dev = inputs.device_data(d, data.partition_iid(len(d.train_labels), K), "shard")
     per_device = K // jax.device_count()
     for leaf in (dev.idx, dev.counts):
       self.assertEqual(leaf.sharding.spec, PartitionSpec(backends.AGENTS))
@@ -109,8 +121,8 @@ class CollectivesTest(parameterized.TestCase):
       self.assertEqual(leaf.sharding.spec, PartitionSpec(backends.AGENTS))
     self.assertTrue(dev.mean.sharding.is_fully_replicated)
     self.assertEqual(backends.local_agents(dev.idx), list(range(K)))  # one process holds all
-    state = train.init_state(c, model, alg, topo)
-    step = train.build_programs(c, model, alg).train_step
+    state = build.init_state(c, model, alg, topo)
+    step = build.programs(c, model, alg).train_step
     # Each device samples from its own block: no collective moves examples between devices.
     block = dev.images.addressable_shards[0].data.size
     moved = [_elements(shape) for shapes in _collectives(
@@ -127,13 +139,13 @@ class CollectivesTest(parameterized.TestCase):
     d = data.synthetic(num_train=4096, num_test=16, shape=(4, 4, 1), seed=0)
     parts = partition.make(kind, d.train_labels, K, seed=0, alpha=alpha, classes_per_agent=2,
                            min_per_agent=8)
-    dev = train.device_data(d, parts, "shard")
-    whole = train.device_data(d, parts, "vmap")
+    dev = inputs.device_data(d, parts, "shard")
+    whole = inputs.device_data(d, parts, "vmap")
     n, per = jax.device_count(), K // jax.device_count()
     rows = dev.images.shape[0] // n
     self.assertLess(max(s.data.nbytes for s in dev.images.addressable_shards),
                     d.train_images.nbytes)
-    self.assertLess(train.device_bytes(dev.images), n * d.train_images.nbytes)
+    self.assertLess(inputs.device_bytes(dev.images), n * d.train_images.nbytes)
     idx, counts = backends.to_host(dev.idx), backends.to_host(dev.counts)
     labels = {s.device: np.asarray(s.data) for s in dev.labels.addressable_shards}
     for shard in dev.images.addressable_shards:
@@ -144,8 +156,8 @@ class CollectivesTest(parameterized.TestCase):
       for k in range(j * per, (j + 1) * per):  # block positions lead to the agent's examples
         np.testing.assert_array_equal(mine[idx[k, :counts[k]]], parts[k])
     for step in (0, 5):  # the same batches as from one copy of the whole split
-      for got, want in zip(train.draw_batch(jax.random.key(3), step, dev, 4, backend="shard"),
-                           train.draw_batch(jax.random.key(3), step, whole, 4)):
+      for got, want in zip(step_lib.draw_batch(jax.random.key(3), step, dev, 4, backend="shard"),
+                           step_lib.draw_batch(jax.random.key(3), step, whole, 4)):
         np.testing.assert_array_equal(backends.to_host(got), np.asarray(want))
 
   @parameterized.parameters("ring", "torus")
@@ -198,12 +210,12 @@ class SubMeshTest(absltest.TestCase):
             "train_eval_examples": 32, "eval_batch_size": 16}
     c = config.resolve({**base, "backend": "auto"})
     self.assertEqual(backends.resolve(c.backend, 6), "shard")
-    model, alg, topo = train.make_model(c, d), train.make_algorithm(c), train.make_topology(c)
-    state = train.init_state(c, model, alg, topo)
+    model, alg, topo = build.model(c, d), build.algorithm(c), build.topology(c)
+    state = build.init_state(c, model, alg, topo)
     for leaf in jax.tree.leaves(state.params):
       self.assertEqual(leaf.sharding.mesh.devices.tolist(), jax.devices()[:6])
       self.assertEqual({s.data.shape[0] for s in leaf.addressable_shards}, {1})
-    dev = train.device_data(d, partition.make("iid", d.train_labels, 6, seed=0), "auto")
+    dev = inputs.device_data(d, partition.make("iid", d.train_labels, 6, seed=0), "auto")
     self.assertEqual(dev.images.shape[0] % 6, 0)  # one block of examples per used device
     histories = {b: train.train_and_evaluate({**base, "backend": b}, data=d)
                  for b in ("auto", "vmap")}

@@ -1,14 +1,8 @@
 """experiments/study.py: which tuning run wins, and how final rows map back to methods."""
 
-import os
-import sys
-
 from absl.testing import absltest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "experiments"))
-
-import study  # noqa: E402
+from experiments import study
 
 
 def row(method, val_acc, **overrides):

@@ -13,12 +13,11 @@ from unittest import mock
 import jax
 from absl.testing import absltest
 
+from drt_jax import workdir as workdir_lib
+from experiments import plot, sweep
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _EXPERIMENTS = os.path.join(_ROOT, "experiments")
-sys.path.insert(0, _EXPERIMENTS)
-
-import plot  # noqa: E402  (experiments/plot.py)
-import sweep  # noqa: E402  (experiments/sweep.py)
 
 # A hidden width no other test compiles, so this file's first sweep compiles its own step.
 BASE = {
@@ -215,9 +214,9 @@ class SweepTest(_TempDirs):
     out = os.path.join(self._tmp(), "sweep.jsonl")
     with open(out, "w") as f:
       f.write(json.dumps(self.rows[0]) + "\n" + json.dumps(self.rows[1])[:50])
-    self.assertEqual(sweep.read_rows(out), self.rows[:1])
-    sweep._append(out, {"key": "x", "status": "error"})
-    self.assertEqual(sweep.read_rows(out), [self.rows[0], {"key": "x", "status": "error"}])
+    self.assertEqual(workdir_lib.read_jsonl(out), self.rows[:1])
+    workdir_lib.append_jsonl(out, {"key": "x", "status": "error"})
+    self.assertEqual(workdir_lib.read_jsonl(out), [self.rows[0], {"key": "x", "status": "error"}])
 
   def test_summary_and_plot(self):
     other = [{**r, "overrides": {**r["overrides"], "algorithm": "drt"},
@@ -238,7 +237,7 @@ class SweepTest(_TempDirs):
   def test_load_keeps_ok_rows_once(self):
     out = os.path.join(self._tmp(), "sweep.jsonl")
     shutil.copy(self.out, out)
-    sweep._append(out, {"key": "x", "status": "error", "error": "E"})
+    workdir_lib.append_jsonl(out, {"key": "x", "status": "error", "error": "E"})
     self.assertEqual(plot.load([out, self.out]), self.rows)
 
 

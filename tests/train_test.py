@@ -1,6 +1,5 @@
 """End-to-end tests of the compiled train step and ``train_and_evaluate`` on tiny models."""
 
-import functools
 import json
 import os
 import platform
@@ -13,25 +12,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
+from fixtures import TINY, tiny_data, untimed
 
-from drt_jax import algorithms, backends, config, data, metrics, models, topology, train
+from drt_jax import (
+  algorithms,
+  backends,
+  build,
+  config,
+  data,
+  inputs,
+  metrics,
+  models,
+  topology,
+  train,
+)
+from drt_jax import step as step_lib
 
-TINY = {
-    "num_agents": 4, "model": "mlp", "model_options": {"hidden": (16,)}, "batch_size": 8,
-    "num_steps": 6, "eval_every": 3, "eval_examples": 64, "train_eval_examples": 64,
-    "eval_batch_size": 32, "backend": "vmap", "optimizer": "momentum", "learning_rate": 0.05,
-    # XLA's convolution compiles fastest on CPU; the formulations are compared in models_test.
-    "conv": "xla",
-}
 EXPECTED_METRICS = (
     "step", "train_loss", "test_acc_mean", "test_acc_min", "test_acc_max", "centroid_test_acc",
     "train_acc_mean", "gen_gap", "consensus_distance", "output_disagreement",
     "bytes_per_agent_step", "self_weight_mean", "drt_log1p_mean", "drt_mean")
-
-
-@functools.cache
-def tiny_data(shape=(8, 8, 1), num_train=256):
-  return data.synthetic(num_train=num_train, num_test=64, shape=shape, seed=0)
 
 
 class TrainAndEvaluateTest(parameterized.TestCase):
@@ -199,15 +199,15 @@ class TrainAndEvaluateTest(parameterized.TestCase):
     d = tiny_data(shape=(12, 12, 1))
     opts = {"features": (4, 8), "hidden": 16}
     c = config.resolve({**TINY, "model": "cnn", "model_options": opts, "precision": "bfloat16"})
-    model = train.make_model(c, d)
-    topo = train.make_topology(c)
-    state, _ = _one_step(c, model, lambda alg: train.init_state(c, model, alg, topo), topo,
+    model = build.model(c, d)
+    topo = build.topology(c)
+    state, _ = _one_step(c, model, lambda alg: build.init_state(c, model, alg, topo), topo,
                          _device_data(c, d))
     chex.assert_trees_all_equal_dtypes(state.params, jax.tree.map(jnp.float32, state.params))
     one = {"params": jax.tree.map(lambda x: x[0], state.params)}
     x = jax.random.normal(jax.random.key(0), (2, 12, 12, 1))
     logits, _ = model.apply(one, x, False)
-    full, _ = train.make_model(config.resolve({**c.to_dict(), "precision": "float32"}),
+    full, _ = build.model(config.resolve({**c.to_dict(), "precision": "float32"}),
                                d).apply(one, x, False)
     chex.assert_type(logits, jnp.float32)
     self.assertFalse(np.array_equal(logits, full))  # computed in bfloat16 ...
@@ -226,14 +226,14 @@ class TrainAndEvaluateTest(parameterized.TestCase):
     self.assertEqual(backends.best_conv("auto", "float32", 2), "taps" if cpu else "xla")
     self.assertEqual(backends.best_conv("auto", "bfloat16", 64), "xla")
     self.assertEqual(backends.best_conv("xla", "float32", 64), "xla")
-    taps, xla = (train.make_model(config.resolve({**c.to_dict(), "conv": v}), d)
+    taps, xla = (build.model(config.resolve({**c.to_dict(), "conv": v}), d)
                  for v in ("taps", "xla"))
     v = taps.init(jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (2, 12, 12, 1))
     np.testing.assert_allclose(taps.apply(v, x, False)[0], xla.apply(v, x, False)[0],
                                rtol=1e-5, atol=1e-5)
     with self.assertRaisesRegex(ValueError, "unknown conv 'fft'"):
-      train.make_model(config.resolve({**c.to_dict(), "model_options": {"conv": "fft"}}),
+      build.model(config.resolve({**c.to_dict(), "model_options": {"conv": "fft"}}),
                        d).init(jax.random.key(0))
 
   def test_host_memory_hint_names_the_tunable_only_where_it_helps(self):
@@ -265,7 +265,7 @@ class TrainAndEvaluateTest(parameterized.TestCase):
     def convolutions(overrides):
       c = config.resolve({**TINY, "model": "cnn", "conv": "auto", **overrides,
                           "model_options": {"features": (4,), "hidden": 8}})
-      model = train.make_model(c, d)
+      model = build.model(c, d)
       v = model.init(jax.random.key(0))
       return jax.jit(lambda x: model.apply(v, x, False)).lower(x).as_text().count("convolution")
 
@@ -282,8 +282,6 @@ class TrainAndEvaluateTest(parameterized.TestCase):
   def test_same_config_and_seeds_give_the_same_history(self):
     c = {**TINY, "algorithm": "drt", "num_steps": 4, "eval_every": 2,
          "faults": {"agent_dropout": 0.2, "link_failure": 0.2, "straggler": 0.2, "seed": 1}}
-    untimed = lambda h: [{k: v for k, v in r.items() if k not in ("wall_time", "steps_per_sec")}  # noqa: E731
-                         for r in h]
     first, second = (untimed(train.train_and_evaluate(c, data=tiny_data())) for _ in range(2))
     self.assertEqual(first, second)
     reseeded = untimed(train.train_and_evaluate({**c, "faults": {**c["faults"], "seed": 2}},
@@ -298,8 +296,8 @@ class TrainAndEvaluateTest(parameterized.TestCase):
 
 
 def _one_step(c, model, state_fn, topo, dev, steps=1):
-  alg = train.make_algorithm(c)
-  progs = train.build_programs(c, model, alg)
+  alg = build.algorithm(c)
+  progs = build.programs(c, model, alg)
   state = state_fn(alg)
   for _ in range(steps):
     state, _ = progs.train_step(state, topo, dev)
@@ -308,7 +306,7 @@ def _one_step(c, model, state_fn, topo, dev, steps=1):
 
 def _device_data(c, d):
   """The data as ``c.backend`` wants it (``shard``: each device its agents' examples)."""
-  return train.device_data(d, data.partition_iid(len(d.train_labels), c.num_agents, seed=0),
+  return inputs.device_data(d, data.partition_iid(len(d.train_labels), c.num_agents, seed=0),
                            c.backend)
 
 
@@ -319,14 +317,14 @@ class CompiledStepTest(parameterized.TestCase):
     base = config.resolve({**TINY, "num_agents": 8, "model": "cnn",
                            "model_options": {"features": (4, 8, 8), "hidden": 16,
                                              "batch_norm": True}, "algorithm": "drt"})
-    model = train.make_model(base, d)
-    topo = train.make_topology(base)
+    model = build.model(base, d)
+    topo = build.topology(base)
     results = {}
     for backend, chunk in (("vmap", 0), ("chunked", 4), ("map", 0), ("shard", 0)):
       if backend == "shard" and jax.local_device_count() < 2:
         continue
       c = config.resolve({**base.to_dict(), "backend": backend, "chunk_size": chunk})
-      state, _ = _one_step(c, model, lambda alg, c=c: train.init_state(c, model, alg, topo),
+      state, _ = _one_step(c, model, lambda alg, c=c: build.init_state(c, model, alg, topo),
                            topo, _device_data(c, d), steps=2)
       results[backend] = (state.params, state.model_state)
     self.assertGreaterEqual(len(results), 3)
@@ -337,12 +335,12 @@ class CompiledStepTest(parameterized.TestCase):
   def test_compiles_once_for_new_weights_and_time_varying_graphs(self):
     c = config.resolve({**TINY, "num_agents": 8, "algorithm": "drt"})
     d = tiny_data()
-    model = train.make_model(c, d)
-    alg = train.make_algorithm(c)
-    progs = train.build_programs(c, model, alg)
+    model = build.model(c, d)
+    alg = build.algorithm(c)
+    progs = build.programs(c, model, alg)
     dev = _device_data(c, d)
     ring = topology.make("ring", 8)
-    state = train.init_state(c, model, alg, ring)
+    state = build.init_state(c, model, alg, ring)
     for topo in (ring, ring.lazy(0.5), topology.make("ring", 8, weights="uniform")):
       state, _ = progs.train_step(state, topo, dev)
     self.assertEqual(progs.train_step._cache_size(), 1)
@@ -375,9 +373,9 @@ class CompiledStepTest(parameterized.TestCase):
     for combine_stats in (False, True):
       c = config.resolve({**TINY, "model": "cnn", "model_options": opts, "topology": "full",
                           "topology_weights": "uniform", "combine_batch_stats": combine_stats})
-      model = train.make_model(c, d)
-      topo = train.make_topology(c)
-      state, _ = _one_step(c, model, lambda alg, c=c: train.init_state(c, model, alg, topo),
+      model = build.model(c, d)
+      topo = build.topology(c)
+      state, _ = _one_step(c, model, lambda alg, c=c: build.init_state(c, model, alg, topo),
                            topo, _device_data(c, d))
       stats[combine_stats] = state.model_state
     spread = lambda tree: max(float(jnp.max(jnp.abs(x - x[:1]))) for x in jax.tree.leaves(tree))  # noqa: E731
@@ -390,7 +388,7 @@ class CompiledStepTest(parameterized.TestCase):
     c = {**TINY, "model": "cnn", "model_options": opts, "num_steps": 1, "eval_every": 0}
     sent = {s: train.train_and_evaluate({**c, "combine_batch_stats": s}, data=d)[-1][
         "bytes_per_agent_step"] for s in (False, True)}
-    variables = train.make_model(config.resolve(c), d).init(jax.random.key(0))
+    variables = build.model(config.resolve(c), d).init(jax.random.key(0))
     stats = {k: v for k, v in variables.items() if k != "params"}
     ratio = metrics.tree_bytes(variables, stacked=False) / metrics.tree_bytes(
         variables["params"], stacked=False)
@@ -406,9 +404,9 @@ class AgentsFiniteTest(absltest.TestCase):
             "count": jnp.zeros((5,), jnp.int32)}  # sums of huge finite values still count
     tree["w"] = tree["w"].at[1, 2, 1].set(jnp.inf).at[3, 0, 0].set(-jnp.inf)
     tree["b"] = tree["b"].at[4, 3].set(jnp.nan)
-    np.testing.assert_array_equal(train.agents_finite(tree), [True, False, True, False, False])
+    np.testing.assert_array_equal(step_lib.agents_finite(tree), [True, False, True, False, False])
     negated = {"w": -tree["w"][jnp.array([0, 2])]}
-    np.testing.assert_array_equal(train.agents_finite(negated), [True, True])
+    np.testing.assert_array_equal(step_lib.agents_finite(negated), [True, True])
 
 
 class SamplerTest(absltest.TestCase):

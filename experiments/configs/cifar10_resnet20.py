@@ -14,9 +14,28 @@ Smoke variant (a few steps; still needs CIFAR-10 prepared, or tfds's mock data i
 
   python experiments/train.py --config=experiments/configs/cifar10_resnet20.py:smoke \
       --workdir=/tmp/cifar10_smoke
+
+Variants after ``:`` are comma-separated, as in big_vision: the flag ``smoke`` and the knobs of
+``KNOBS`` as ``name=value`` (values are Python literals, else strings; knobs apply after
+``smoke``, whatever the order): ``agents`` (num_agents), ``algorithm`` (trains that algorithm
+alone instead of comparing DRT and ATC), ``topology``, ``steps`` (num_steps), ``seed``, ``lr``
+(learning_rate). ATC diffusion alone with 32 agents and learning rate 0.1:
+
+  python experiments/train.py \
+      --config=experiments/configs/cifar10_resnet20.py:algorithm=atc,agents=32,lr=0.1 \
+      --config.download=True --config.data_dir=~/tensorflow_datasets --workdir=runs/cifar10_atc32
 """
 
 from drt_jax import config as config_lib
+
+KNOBS = {  # short name on the command line -> the config field it sets
+    "agents": "num_agents",  # K
+    "algorithm": "algorithm",  # also compare = (algorithm,): one run instead of DRT vs ATC
+    "topology": "topology",  # one of topology.KINDS
+    "steps": "num_steps",
+    "seed": "seed",
+    "lr": "learning_rate",
+}
 
 
 def get_config(arg=None):
@@ -38,12 +57,17 @@ def get_config(arg=None):
   c.eval_examples = 0
   c.train_eval_examples = 5000
   c.compare = ("drt", "atc")
-  if arg == "smoke":
+  # Knobs default to the values above; algorithm's '' keeps compare (DRT vs ATC).
+  defaults = {k: c[field] for k, field in KNOBS.items()} | {"algorithm": ""}
+  knobs, flags = config_lib.parse_arg(arg, defaults, ("smoke",))
+  if "smoke" in flags:
     c.num_agents, c.num_steps, c.eval_every = 2, 2, 1
     c.batch_size = 4
     c.eval_examples = c.train_eval_examples = 16
     c.model_options.widths = (4, 8, 8)
     c.model_options.stage_sizes = (1, 1, 1)
-  elif arg:
-    raise ValueError(f"unknown variant {arg!r}; expected: smoke (or none)")
+  for k, value in knobs.items():
+    c[KNOBS[k]] = value
+  if "algorithm" in knobs:
+    c.compare = (knobs["algorithm"],)
   return c

@@ -14,6 +14,14 @@ The same setting as ``fashion_mnist.py`` on MNIST. Smoke variant (seconds):
 
   python experiments/train.py --config=experiments/configs/mnist.py:smoke \
       --workdir=/tmp/mnist_smoke
+
+Variants after ``:`` are those of ``fashion_mnist.py``, comma-separated as in big_vision: the
+flag ``smoke`` and the knobs ``agents`` (num_agents), ``algorithm`` (trains that algorithm alone
+instead of comparing DRT and ATC), ``topology``, ``steps`` (num_steps), ``seed``, ``lr``
+(learning_rate) as ``name=value``. DRT diffusion alone, smoke-sized, for 8 steps:
+
+  python experiments/train.py --config=experiments/configs/mnist.py:smoke,algorithm=drt,steps=8 \
+      --workdir=/tmp/mnist_drt
 """
 
 import importlib.util

@@ -1,6 +1,6 @@
 r"""What the Pallas kernel gradient costs an SM, without a GPU: registers, spills, shared memory.
 
-``drt_jax.conv_grad`` lowers its kernel to Triton IR wherever JAX lowers for CUDA, GPU or not.
+``benchmarks.conv_grad`` lowers its kernel to Triton IR wherever JAX lowers for CUDA, GPU or not.
 This compiles that IR with the ``triton`` package for one GPU architecture (default sm_90, the
 H100 and H200), runs ``ptxas -v`` on the PTX and reports, per ResNet-20 stage and dtype: the
 registers per thread, bytes spilled, shared memory per program, and how many programs and warps
@@ -9,8 +9,8 @@ an SM can then hold. It is how ``conv_grad.LAUNCH`` was chosen; it says nothing 
 Needs the optional ``triton`` package (``pip install triton``; it brings ``ptxas``), which the
 project does not depend on. Triton's version may differ from the one inside jaxlib's GPU plugin.
 
-  python experiments/kernel_resources.py                         # conv_grad.LAUNCH as it is
-  python experiments/kernel_resources.py --sweep --out /tmp/k.jsonl   # rows x warps x stages
+  python -m benchmarks.kernel_resources                           # conv_grad.LAUNCH as it is
+  python -m benchmarks.kernel_resources --sweep --out /tmp/k.jsonl    # rows x warps x stages
 """
 
 import contextlib
@@ -90,7 +90,7 @@ def triton_ir(channels: int, size: int, dtype: str, rows: int | None = None, k: 
   import jax.numpy as jnp  # noqa: PLC0415
   from jax import export  # noqa: PLC0415
 
-  from drt_jax import conv_grad  # noqa: PLC0415
+  from benchmarks import conv_grad  # noqa: PLC0415
 
   x = jax.ShapeDtypeStruct((k, batch, size, size, channels), jnp.dtype(dtype))
   f = jax.vmap(lambda x, dy: conv_grad.kernel_grad(x, dy, (3, 3), ((1, 1), (1, 1)),
@@ -161,7 +161,7 @@ def main(argv):
     sys.exit("kernel_resources: needs the triton package (pip install triton); the project "
              "itself does not")
   os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-  from drt_jax import conv_grad  # noqa: PLC0415
+  from benchmarks import conv_grad  # noqa: PLC0415
 
   for stage in FLAGS.stages:
     if int(stage.split("x")[0]) not in (16, 32, 64):

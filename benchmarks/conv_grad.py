@@ -36,7 +36,7 @@ D_BLOCK = 16  # output channels per program: C x 16 accumulators per tap stay in
 ROWS_PER_PROGRAM = 1024  # rows a program sums over, at least (fewer programs: see _programs)
 # (rows per step, warps, pipeline stages) for a 3x3 kernel, by (input channels, bytes per
 # element), picked from Triton 3.9's compilation for sm_90a (no GPU needed; see
-# experiments/kernel_resources.py and docs/performance.md) by one rule: no register spills, at
+# benchmarks/kernel_resources.py and docs/performance.md) by one rule: no register spills, at
 # least 14 warps per SM, then the most rows of X in flight per SM (programs per SM x rows x
 # stages where Triton stages X asynchronously); ties to more warps, fewer registers, more rows.
 # Not yet timed.
@@ -137,7 +137,7 @@ def kernel_grad(x, dy, kernel_size, padding, precision=None, *, interpret=None,
     raise ValueError(f"kernel_grad: a {kh}x{kw} convolution from {c} to {d} channels "
                      f"({x.dtype}) is not supported; channels must be powers of two from 16, "
                      "the input's at most what supported() allows (use "
-                     "models.matmul_grad_conv's per-tap form for others)")
+                     "conv_formulations.matmul_grad_conv's per-tap form for others)")
   bd = D_BLOCK if d_block is None else d_block
   if not (_power_of_two(bd) and d % bd == 0):
     raise ValueError(f"kernel_grad: d_block {bd} must be a power of two from 16 dividing {d}")

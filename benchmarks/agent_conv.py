@@ -9,9 +9,9 @@ against the ceiling, one convolution over all K·B images with one kernel (``sin
 * ``padded<P>``: the same, with input and output channels zero-padded to P (a multiple that tensor
   cores like); the result is sliced back, so it is the same function.
 * ``taps``: nine shifted batched matmuls, ``einsum('kbhwc,kcd->kbhwd')`` per kernel tap.
-* ``dw_patches``, ``dw_taps``, ``dw_pallas``: the library's ``models.matmul_grad_conv``, vmapped:
-  XLA's convolution forward and for the input gradient, the kernel gradient as one matmul of
-  image patches, one matmul per tap, or one Pallas kernel (:mod:`drt_jax.conv_grad`);
+* ``dw_patches``, ``dw_taps``, ``dw_pallas``: the lab's ``conv_formulations.matmul_grad_conv``,
+  vmapped: XLA's convolution forward and for the input gradient, the kernel gradient as one matmul
+  of image patches, one matmul per tap, or one Pallas kernel (:mod:`benchmarks.conv_grad`);
   ``dw_pallas@<rows>:<warps>:<stages>`` pins the kernel's launch settings (instead of
   ``conv_grad.LAUNCH``'s), to time the alternatives on a GPU.
 
@@ -22,8 +22,8 @@ relative to their largest magnitude (``grad_err``: a check of the formulation on
 hand, Pallas's compiled kernel included). JSON lines go to ``--out`` and a markdown table to
 stdout.
 
-  python experiments/agent_conv.py --k 64 --batch 32 --out /tmp/agent_conv.jsonl    # one GPU
-  python experiments/agent_conv.py --smoke                                           # seconds
+  python -m benchmarks.agent_conv --k 64 --batch 32 --out /tmp/agent_conv.jsonl     # one GPU
+  python -m benchmarks.agent_conv --smoke                                            # seconds
 """
 
 import functools
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from drt_jax import conv_grad, models
+from benchmarks import conv_formulations, conv_grad
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("k", 64, "Agents K.")
@@ -86,9 +86,9 @@ def taps(x, w):
 
 
 def dw(kernel_grad: str):
-  """``grouped`` with the library's kernel-gradient formulation ``kernel_grad``."""
-  conv = functools.partial(models.matmul_grad_conv, window_strides=(1, 1), padding="SAME",
-                           dimension_numbers=_DIMS, kernel_grad=kernel_grad)
+  """``grouped`` with the lab's kernel-gradient formulation ``kernel_grad``."""
+  conv = functools.partial(conv_formulations.matmul_grad_conv, window_strides=(1, 1),
+                           padding="SAME", dimension_numbers=_DIMS, kernel_grad=kernel_grad)
   return jax.vmap(conv)
 
 
@@ -115,7 +115,7 @@ def formulation(name: str):
     return dw("pallas")
   if name.startswith("padded"):
     return padded(int(name[len("padded"):]))
-  if name.startswith("dw_") and name[len("dw_"):] in models.KERNEL_GRADS:
+  if name.startswith("dw_") and name[len("dw_"):] in conv_formulations.KERNEL_GRADS:
     return dw(name[len("dw_"):])
   try:
     return {"single": single, "grouped": grouped, "taps": taps}[name]

@@ -4,7 +4,7 @@
 # short keeps what it measured. Synthetic data, no tensorflow-datasets import. BUDGET_S (default
 # 480) bounds the whole script: each case gets at most what is left of it.
 #
-#   OUT=/tmp/bench BUDGET_S=440 bash experiments/gpu_bench.sh [path/to/anchor_bench.py]
+#   OUT=/tmp/bench BUDGET_S=440 bash benchmarks/gpu_bench.sh [path/to/anchor_bench.py]
 #
 # Needs jax with its GPU/TPU plugin, flax, optax, chex, absl-py, ml_collections and matplotlib
 # (orbax and tensorflow-datasets are not imported). An optional first argument runs a PyTorch
@@ -34,12 +34,12 @@ ran() {  # name, exit status: say when a case did not end cleanly
     *) echo "=== $1: exit status $2 (log: $OUT/$1.log)" ;;
   esac
 }
-bench() {  # name, cap in seconds, then benchmark flags
+bench() {  # name, cap in seconds, then benchmarks/train_step.py's flags
   local name="$1" cap="$2" t; shift 2
   t=$(left "$cap") || { echo "=== $name: skipped (budget spent)"; return; }
   echo "=== $name (<= ${t}s): $*"
-  timeout -k 10 "$t" "$PY" experiments/benchmark.py --data_memory= --combine_ks= \
-    --out "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
+  timeout -k 10 "$t" "$PY" -m benchmarks.train_step --out "$OUT/$name.json" "$@" \
+    > "$OUT/$name.log" 2>&1
   ran "$name" $?
   # The throughput rows and the device-time-by-kind table (the costliest ops stay in the log).
   grep -E "^\| (model|resnet20|cnn|mlp|category|conv|matmul|reduce|transpose/copy|gather/scatter\
@@ -53,7 +53,7 @@ print(jax.devices(), jax.__version__, flax.__version__, optax.__version__)" || {
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null
 # 0. Preflight (seconds): stop at once if the library does not run with this jax (a preflight
 #    only slow to start goes on).
-timeout -k 10 90 "$PY" experiments/benchmark.py --smoke --backends vmap,map \
+timeout -k 10 90 "$PY" -m benchmarks.train_step --smoke --backends vmap,map \
   --out "$OUT/smoke.json" > "$OUT/smoke.log" 2>&1
 status=$?
 if (( status == 124 || status == 137 )); then
@@ -65,7 +65,7 @@ fi
 #    DRT against ATC). The H200 profile of the grouped convs found cuDNN running the kernel
 #    gradients (and the strided layers) as one launch per agent (docs/performance.md); these
 #    cases compute them otherwise. The single model keeps XLA's convs. First the kernel gradients
-#    as one Pallas kernel each (`xla_dw_pallas`, drt_jax/conv_grad.py), later as one matmul of
+#    as one Pallas kernel each (`xla_dw_pallas`, benchmarks/conv_grad.py), later as one matmul of
 #    image patches (`xla_dw_matmul`). Timed only: a row is written when its case ends, and
 #    profiling (a recompile and traced steps) comes in its own case further down.
 bench r20_k64_fp32_pallas 75 --models resnet20 --ks 64 --backends vmap --baselines single \
@@ -91,7 +91,7 @@ bench r20_k1024_b16 100 --models resnet20 --ks 1024 --batch 16 --backends vmap -
 grep -h "compiled in" "$OUT/r20_k1024_b16.log" 2>/dev/null | cut -c40-
 # 1a. The kernel gradients alone, per ResNet-20 stage: is the compiled Pallas kernel right on
 #     this GPU (grad err against the grouped conv's gradients), and how fast per layer?
-t=$(left 50) && { timeout -k 10 "$t" "$PY" experiments/agent_conv.py --k 64 --batch 32 \
+t=$(left 50) && { timeout -k 10 "$t" "$PY" -m benchmarks.agent_conv --k 64 --batch 32 \
   --reps 10 --formulations single,grouped,dw_taps,dw_pallas --out "$OUT/agent_conv_dw.jsonl" \
   > "$OUT/agent_conv_dw.log" 2>&1; ran agent_conv_dw $?; grep -E "^\|" "$OUT/agent_conv_dw.log"; }
 bench r20_k64_fp32_dwmm 80 --models resnet20 --ks 64 --backends vmap --baselines single \
@@ -117,7 +117,7 @@ bench cnn_k64_drt 45 --models cnn --ks 64 --backends vmap --baselines= --compare
 #     against the rule's runners-up, with `grouped` for the gradients' check.
 for s in "16x32 32:2:2,dw_pallas@32:1:1" "32x16 16:2:2,dw_pallas@32:2:1" \
          "64x8 64:8:1,dw_pallas@16:8:2"; do
-  t=$(left 40) && { timeout -k 10 "$t" "$PY" experiments/agent_conv.py --k 64 --batch 32 \
+  t=$(left 40) && { timeout -k 10 "$t" "$PY" -m benchmarks.agent_conv --k 64 --batch 32 \
     --reps 10 --stages "${s%% *}" --formulations "grouped,dw_pallas,dw_pallas@${s#* }" \
     --out "$OUT/pallas_launch.jsonl" > "$OUT/pallas_launch_${s%% *}.log" 2>&1
     ran "pallas_launch_${s%% *}" $?
@@ -129,12 +129,11 @@ bench r20_k256_bf16_pallas 70 --models resnet20 --ks 256 --backends vmap --basel
 # 4. The small CNN from 16 to 1,024 agents, and the combine alone up to K = 1,024.
 bench cnn_k16_1024 80 --models cnn --ks 16,64,256,1024 --backends vmap --baselines single \
   --steps 10 --warmup 2 --case_budget_s 3 --conv xla --compare=
-t=$(left 40) && { timeout -k 10 "$t" "$PY" experiments/benchmark.py --models mlp --ks 4 \
-  --backends= --baselines= --steps 2 --warmup 1 --compare= --data_memory= \
-  --combine_ks 16,64,256,1024 --out "$OUT/combine.json" > "$OUT/combine.log" 2>&1
+t=$(left 40) && { timeout -k 10 "$t" "$PY" -m benchmarks.combine --ks 16,64,256,1024 \
+  --out "$OUT/combine.json" > "$OUT/combine.log" 2>&1
   ran combine $?; grep -A8 "combine alone" "$OUT/combine.log"; }
 # 5. The per-agent convolution alone: grouped (vmap) vs channel padding vs one matmul per tap.
-t=$(left 60) && { timeout -k 10 "$t" "$PY" experiments/agent_conv.py --k 64 --batch 32 \
+t=$(left 60) && { timeout -k 10 "$t" "$PY" -m benchmarks.agent_conv --k 64 --batch 32 \
   --formulations single,grouped,padded32,padded64,taps,dw_patches \
   --out "$OUT/agent_conv.jsonl" > "$OUT/agent_conv.log" 2>&1
   ran agent_conv $?; grep -E "^\|" "$OUT/agent_conv.log"; }

@@ -23,10 +23,10 @@ trace that could not be attributed shows up as a low number instead of a wrong t
 Where the events come from: on a GPU or TPU the ``/device:...`` planes, from their ``XLA Ops``
 line when the profiler wrote one and otherwise from kernel events carrying an ``hlo_op`` stat; on
 a CPU the ``/host:CPU`` plane's thunk events (which may overlap on a thread pool, so their sum can
-exceed the wall time). Used by ``benchmark.py --profile_steps N``; also a command that summarises a
-saved trace against a saved HLO text:
+exceed the wall time). Used by ``benchmarks/train_step.py --profile_steps N``; also a command
+that summarises a saved trace against a saved HLO text:
 
-  python experiments/op_profile.py TRACE.xplane.pb PROGRAM.hlo.txt --steps 3
+  python -m benchmarks.op_profile TRACE.xplane.pb PROGRAM.hlo.txt --steps 3
 """
 
 import collections
