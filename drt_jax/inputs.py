@@ -77,9 +77,12 @@ class Prepared(NamedTuple):
 def prepare_data(c: ml_collections.ConfigDict, d: data_lib.Data) -> Prepared:
   """Holds out the validation split and partitions the rest across the agents (config fields
   ``validation_fraction``, ``partition``, ``dirichlet_alpha``, ``classes_per_agent``,
-  ``min_per_agent``), unless ``d`` brings its own ``agent_indices``. Checks every agent can fill a
-  batch. Raises ValueError with one line naming the problem.
+  ``min_per_agent``), unless ``d`` brings its own ``agent_indices``. Checks the data first
+  (:func:`drt_jax.data.validate`; loaded data meet it here, in-memory data in ``as_data`` too, and
+  agents' own lists that share examples are logged as a warning) and then that every agent can
+  fill a batch. Raises ValueError with one line naming the problem.
   """
+  d = data_lib.validate(d, exact_partition=True)
   validation = None
   if c.validation_fraction > 0:
     if d.agent_indices is not None:

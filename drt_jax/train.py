@@ -8,8 +8,10 @@ stops with a one-line ``FloatingPointError`` naming the first bad step and its a
 ``config.checkpoint_every`` it saves and resumes the whole state.
 """
 
+import contextlib
 import dataclasses
 import functools
+import json
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -132,35 +134,43 @@ class _Resumed(NamedTuple):
   host: dict  # what the checkpoint kept besides the state
 
 
-def _resume(workdir, c, same_run: bool, run: _Run):
+def _resume(workdir, c, same_run: bool, run: _Run, config: dict):
   """``(checkpoints or None, resumed)``: a workdir's checkpoints, and the state and rows of the
-  latest one when it holds a run of the same config."""
+  newest good one when it holds a run of the same config (damaged newer ones are skipped)."""
 
-  def resume_on_main():
-    step = checkpoint_lib.latest_step(workdir) if same_run else None
-    if workdir and step is None:
+  def steps_on_main():
+    steps = checkpoint_lib.steps(workdir) if same_run else []
+    if workdir and not steps:  # check_workdir said: overwrite, or no checkpoint to keep
       checkpoint_lib.delete(workdir)  # a fresh start keeps no checkpoint of another run
-    return step
+    return steps[-100:]  # the newest are the ones worth trying; on_main hands on 2 KiB at most
 
-  resume_step = distributed.on_main(resume_on_main)
-  if not (workdir and (c.checkpoint_every or resume_step is not None)):
+  steps = distributed.on_main(steps_on_main)
+  if not (workdir and (c.checkpoint_every or steps)):
     return None, _Resumed(run.state, 0, [], {})
-  ckpt = checkpoint_lib.Checkpoints(workdir, c.keep_checkpoints)
-  if resume_step is None:
+  ckpt = checkpoint_lib.Checkpoints(workdir, c.keep_checkpoints, config=config)
+  if not steps:
     if same_run:
       logging.warning("workdir %s holds a run of the same config without a checkpoint; "
                       "replacing it", workdir)
     return ckpt, _Resumed(run.state, 0, [], {})
-  state, host = ckpt.restore(run.state, resume_step)
-  if int(state.step) != resume_step:
-    raise ValueError(f"checkpoint {resume_step} in {ckpt.path} holds step {int(state.step)}; "
-                     "remove the checkpoints folder or use overwrite")
-  digest = run.digest()
-  if host.get("data", digest) != digest:  # same config, other data: not the same run
-    raise ValueError(f"checkpoint {resume_step} in {ckpt.path} was trained on other data "
-                     f"({host['data'][:60]}...; now {digest[:60]}...); pass that data, or "
-                     "overwrite=True (--overwrite) to start afresh")
-  rows = workdir_lib.read_metrics(workdir, up_to=resume_step)
+  try:
+    state, host, resume_step = ckpt.restore_newest(run.state, steps)
+    if int(state.step) != resume_step:
+      raise ValueError(f"checkpoint {resume_step} in {ckpt.path} holds step {int(state.step)}; "
+                       "remove the checkpoints folder or use overwrite")
+    if host.get("config", config) != config:  # config.json said the same: it was edited
+      raise ValueError(f"checkpoint {resume_step} in {ckpt.path} was saved by a run of a "
+                       "different config than config.json's; use another workdir or "
+                       "overwrite=True (--overwrite) to start afresh")
+    digest = run.digest()
+    if host.get("data", digest) != digest:  # same config, other data: not the same run
+      raise ValueError(f"checkpoint {resume_step} in {ckpt.path} was trained on other data "
+                       f"({host['data'][:60]}...; now {digest[:60]}...); pass that data, or "
+                       "overwrite=True (--overwrite) to start afresh")
+  except BaseException:
+    ckpt.close()
+    raise
+  rows = workdir_lib.resumed_rows(workdir, resume_step, host.get("rows"))
   logging.info("workdir %s: resuming from the checkpoint of step %d (%d metric rows kept)",
                workdir, resume_step, len(rows))
   return ckpt, _Resumed(state, resume_step, rows, host)
@@ -280,8 +290,9 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
     config: a ConfigDict or dict overriding :func:`drt_jax.config.default_config`.
     workdir: if given, ``config.json``, ``metrics.jsonl`` and TensorBoard event files are written
       there, and checkpoints into ``checkpoints/`` every ``config.checkpoint_every`` steps. A
-      workdir holding a checkpoint of the same config resumes from its latest checkpoint (the
-      history then includes the rows written before it); see :mod:`drt_jax.checkpoint`.
+      workdir holding a checkpoint of the same config resumes from its newest good checkpoint
+      (the history then includes the rows written before it); see :mod:`drt_jax.checkpoint`.
+      One run at a time: a workdir in use by a live run (``<workdir>/.lock``) is refused.
     data: in-memory data (:class:`drt_jax.data.Data` or a mapping with its fields: train/test
       images and labels and, optionally, ``agent_indices``, one index array per agent). Without it
       ``config.dataset`` is loaded.
@@ -317,25 +328,26 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
   distributed.check_agreement({"config": config_lib.shared_json(recorded)},
                               "start every process with the same config and overrides")
 
-  def check_on_main():  # process 0 reads and writes the workdir; the others learn its answer
-    workdir_lib.check_writable(workdir)
-    return workdir_lib.check_workdir(workdir, recorded, overwrite)
+  with contextlib.ExitStack() as stack:  # on any exit: files closed, then the lock released
 
-  same_run = distributed.on_main(check_on_main)
-  run = _setup(c, data, given)
-  ckpt, resumed = _resume(workdir, c, same_run, run)
-  main = distributed.is_main()
-  # Process 0 alone writes config, partition and metrics (it rewrites metrics.jsonl with the
-  # same rows the others have read, atomically, so no process reads a half-written file).
-  writer = workdir_lib.Writer(workdir if main else None, recorded, run.prepared, resumed.rows)
-  _log_setup(c, run)
-  try:
+    def check_on_main():  # process 0 reads and writes the workdir; the others learn its answer
+      workdir_lib.check_writable(workdir)
+      stack.enter_context(workdir_lib.lock(workdir))  # one run per workdir, before any write
+      return workdir_lib.check_workdir(workdir, recorded, overwrite)
+
+    same_run = distributed.on_main(check_on_main)
+    run = _setup(c, data, given)
+    ckpt, resumed = _resume(workdir, c, same_run, run, json.loads(recorded.to_json()))
+    if ckpt is not None:
+      stack.callback(ckpt.close)
+    main = distributed.is_main()
+    # Process 0 alone writes config, partition and metrics (it rewrites metrics.jsonl with the
+    # same rows the others have read, atomically, so no process reads a half-written file).
+    writer = workdir_lib.Writer(workdir if main else None, recorded, run.prepared, resumed.rows)
+    stack.callback(writer.close)
+    _log_setup(c, run)
     return _loop(c, run, ckpt, resumed, writer, callbacks if main else (),
                  _Progress(c.num_steps, verbose and main))
-  finally:
-    writer.close()
-    if ckpt is not None:
-      ckpt.close()
 
 
 def _loop(c, run: _Run, ckpt, resumed: _Resumed, writer, callbacks, progress) -> list[dict]:
@@ -394,7 +406,8 @@ def _loop(c, run: _Run, ckpt, resumed: _Resumed, writer, callbacks, progress) ->
       if saves:  # after the row of this step, so a checkpoint never runs ahead of the metrics
         ckpt.save(step, state, {"step": step, "metrics": workdir_lib.buffer_to_json(evaluator.buf),
                                 "wall_time": time.perf_counter() - evaluator.start,
-                                "data": run.digest()})
+                                "data": run.digest(),  # with the config: whose run this is
+                                "rows": [workdir_lib.json_safe(r) for r in history]})
   finally:
     progress.close()
   return history

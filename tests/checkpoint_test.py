@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +74,36 @@ class CheckpointsTest(absltest.TestCase):
                         jax.tree.leaves(checkpoint.to_arrays(state))):
       self.assertTrue(new.sharding.is_equivalent_to(old.sharding, new.ndim), new.sharding)
     self.assertGreater(len(restored.params["Dense_0"]["kernel"].sharding.device_set), 1)
+
+  def test_restore_verifies_the_checksum_and_restore_newest_skips_a_damaged_one(self):
+    state = _template(TINY)
+    other = state._replace(params=jax.tree.map(lambda x: x + 1, state.params))
+    with tempfile.TemporaryDirectory() as workdir:
+      ckpt = checkpoint.Checkpoints(workdir, keep=3, config={"seed": 0})
+      ckpt.save(2, state, {"step": 2})
+      ckpt.save(4, other, {"step": 4})
+      restored, host = ckpt.restore(state, 4)
+      self.assertEqual(host, {"step": 4, "config": {"seed": 0}})  # the digests stay inside
+      self.assertEqual(checkpoint.stored_config(workdir), (4, {"seed": 0}))
+      # Checkpoint 4 with the arrays of 2: orbax reads it back without complaint.
+      folder = checkpoint.directory(workdir)
+      shutil.rmtree(os.path.join(folder, "4", "state"))
+      shutil.copytree(os.path.join(folder, "2", "state"), os.path.join(folder, "4", "state"))
+      with self.assertRaisesRegex(checkpoint.DamagedCheckpointError, "arrays differ"):
+        ckpt.restore(state, 4)
+      with self.assertRaisesRegex(checkpoint.DamagedCheckpointError, "checkpoint 4 .* damaged"):
+        checkpoint.load(workdir)
+      with self.assertLogs("absl", "WARNING") as logs:
+        restored, host, step = ckpt.restore_newest(state, [2, 4])
+      self.assertEqual(step, 2)
+      self.assertLen(logs.records, 1)
+      self.assertIn("checkpoint 4 in", logs.records[0].getMessage())
+      self.assertEqual(checkpoint.steps(workdir), [2])
+      self.assertEqual(os.listdir(os.path.join(workdir, checkpoint.DAMAGED)), ["4"])
+      ckpt.save(4, other, {"step": 4})  # the damaged step can be saved again
+      self.assertEqual(ckpt.all_steps(), [2, 4])
+      ckpt.close()
+    _assert_trees_equal(self, checkpoint.to_arrays(restored), checkpoint.to_arrays(state))
 
   def test_no_checkpoint_is_written_when_off(self):
     with tempfile.TemporaryDirectory() as workdir:
@@ -185,7 +216,10 @@ class DivergenceTest(absltest.TestCase):
     images = d.train_images.astype(np.float32)
     images[int(drawn[2, 0])] = np.nan
     bad = {**d._asdict(), "train_images": images, "agent_indices": parts}
-    with tempfile.TemporaryDirectory() as workdir:
+    # As if the pixel had escaped the bounded scan for non-finite images (data.validate): the
+    # trainer's own check is the one under test.
+    unchecked = mock.patch.object(data, "first_non_finite", return_value=None)
+    with tempfile.TemporaryDirectory() as workdir, unchecked:
       with self.assertRaises(FloatingPointError) as ctx:
         train.train_and_evaluate(c, workdir, bad)
       self.assertEqual(checkpoint.latest_step(workdir), 4)

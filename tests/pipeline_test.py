@@ -161,6 +161,21 @@ class PrepareDataTest(parameterized.TestCase):
                                 r"examples; lower batch_size to <= 4"):
       inputs.prepare_data(c, d._replace(agent_indices=parts))
 
+  def test_data_reaching_prepare_data_directly_are_checked_first(self):
+    # Loaded datasets do not pass through as_data: prepare_data refuses them in one line too.
+    d = data.synthetic(num_train=40, num_test=8, shape=(4, 4, 1), seed=0)
+    c = config.resolve({**TINY, "num_agents": 2, "batch_size": 4})
+    mask = np.arange(40) < 20
+    for bad, message in (
+        (d._replace(train_labels=d.train_labels[:30]), "data.train_labels has 30 entries"),
+        (d._replace(agent_indices=[mask, ~mask]), "np.flatnonzero(mask)"),
+        (d._replace(test_labels=d.test_labels + 10), "data.num_classes=10"),
+    ):
+      with self.assertRaises(ValueError) as e:
+        inputs.prepare_data(c, bad)
+      self.assertIn(message, str(e.exception))
+      self.assertNotIn("\n", str(e.exception))
+
   def test_bad_input_writes_nothing(self):
     with tempfile.TemporaryDirectory() as tmp:
       workdir = os.path.join(tmp, "run")
