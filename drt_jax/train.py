@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -178,7 +179,8 @@ def _resume(workdir, c, same_run: bool, run: _Run, config: dict):
 
 class _Progress:
   """A progress bar over the steps with rate and ETA, in a terminal or a notebook (tqdm), that
-  shows the last evaluation; nothing when not ``enabled``."""
+  shows the last evaluation; nothing when not ``enabled``, nor where no one watches it (output
+  to a file or a CI log, which keeps the evaluation log lines alone)."""
 
   def __init__(self, total: int, enabled: bool):
     self.total, self.enabled, self.bar = total, enabled, None
@@ -188,7 +190,8 @@ class _Progress:
     if self.enabled and self.bar is None:
       from tqdm.auto import tqdm  # noqa: PLC0415 -- picks the notebook widget where it can
 
-      self.bar = tqdm(total=self.total, initial=step, unit="step", dynamic_ncols=True)
+      if tqdm.__module__.endswith("notebook") or sys.stderr.isatty():
+        self.bar = tqdm(total=self.total, initial=step, unit="step", dynamic_ncols=True)
 
   def advance(self) -> None:
     if self.bar is not None:

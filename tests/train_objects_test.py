@@ -2,12 +2,15 @@
 workdir records of them (TensorBoard included)."""
 
 import glob
+import io
 import json
 import os
 import struct
+import sys
 import tempfile
 from collections.abc import Callable
 from typing import Any, NamedTuple
+from unittest import mock
 
 import jax
 import numpy as np
@@ -175,6 +178,20 @@ class CallbacksAndRecordsTest(absltest.TestCase):
       for tag in ("test_acc_mean", "consensus_distance", "self_weight_mean"):
         self.assertAlmostEqual(events[tag][row["step"]], row[tag], places=5)
     self.assertNotIn("test_acc_per_agent", events)  # lists are not scalars
+
+  def test_the_bar_shows_in_a_terminal_and_stays_out_of_logs(self):
+    class Terminal(io.StringIO):
+      def isatty(self):
+        return True
+
+    for stream, shown in ((io.StringIO(), False), (Terminal(), True)):
+      with mock.patch.object(sys, "stderr", stream):
+        progress = train._Progress(10, enabled=True)
+        progress.start(0)
+        progress.advance()
+        progress.close()
+      self.assertEqual(progress.bar is not None, shown)
+      self.assertEqual("step/s" in stream.getvalue() or "1/10" in stream.getvalue(), shown)
 
   def test_the_rate_leaves_out_the_compiling_step(self):
     history = train.train_and_evaluate({**BASE, "eval_every": 1}, data=tiny_data(),
