@@ -23,6 +23,10 @@ AUGMENTS = ("auto",) + data.AUGMENTATIONS
 # Where this host finds the data, which may differ between the hosts of one run; what the data
 # is, is checked on its own (every process hashes the data it loaded).
 HOST_LOCAL = ("data_dir", "download", "data_source")
+# The largest seed (config.seed, faults.seed) whose PRNG key is its own: jax.random.key keeps a
+# seed's low 32 bits (with 64-bit types off, the default), so key(2**32 + s) is key(s). The
+# eval subsets' seed + 1 and + 2 and the graphs' seeds go to numpy, which takes any size.
+MAX_SEED = 2**32 - 1
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -110,8 +114,16 @@ def shared_json(c: ml_collections.ConfigDict) -> str:
   return d.to_json(sort_keys=True)
 
 
+def _shown(value) -> str:
+  """``value`` as one short line (a nested ConfigDict's repr spans lines)."""
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  text = repr(value)
+  return text if len(text) <= 200 else text[:197] + "..."
+
+
 def _fail(field, value, accepted):
-  raise ValueError(f"config.{field}={value!r} is not accepted; expected {accepted}")
+  raise ValueError(f"config.{field}={_shown(value)} is not accepted; expected {accepted}")
 
 
 def _by_factory(field, value, check, *args, **kw):
@@ -119,7 +131,7 @@ def _by_factory(field, value, check, *args, **kw):
   try:
     check(*args, **kw)
   except (ValueError, TypeError) as e:
-    raise ValueError(f"config.{field}={value!r} is not accepted: {e}") from None
+    raise ValueError(f"config.{field}={_shown(value)} is not accepted: {e}") from None
 
 
 def _int(v) -> bool:
@@ -150,24 +162,32 @@ def resolve(config: Mapping | ml_collections.ConfigDict | None) -> ml_collection
   return c
 
 
+# An example field of each group whose keys are free, for the refusal of a non-mapping.
+_GROUP_EXAMPLE = {"topology_options": "rows", "model_options": "hidden", "custom": "model"}
+
+
 def _merge(base, user, prefix):
   for key, value in user.items():
     if key not in base:
-      raise ValueError(f"unknown config field {prefix + key!r}; known fields: "
+      raise ValueError(f"unknown config field {f'{prefix}{key}'!r}; known fields: "
                        f"{', '.join(sorted(base.keys()))}")
     if isinstance(base[key], ml_collections.ConfigDict):
       if not isinstance(value, (Mapping, ml_collections.ConfigDict)):
-        first = sorted(base[key].keys())[0] if base[key].keys() else "rows"
-        example = f"{{{first!r}: ...}}"
-        raise ValueError(f"config.{prefix}{key}={value!r} is not accepted; expected a mapping of "
-                         f"its fields, e.g. {example}")
+        first = _GROUP_EXAMPLE.get(key) or sorted(base[key].keys())[0]
+        _fail(f"{prefix}{key}", value, f"a mapping of its fields, e.g. {{{first!r}: ...}}")
       value = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else dict(value)
       if key.endswith("options") or key == "custom":  # free keys, checked by validate
         base[key] = ml_collections.ConfigDict(value)
       else:
         _merge(base[key], value, f"{prefix}{key}.")
     else:
-      base[key] = value
+      try:
+        base[key] = value  # type-safe: an int where a float is due becomes that float
+      except TypeError:
+        # Any other type: kept as given, so that validate refuses it in the field's own terms
+        # (what is accepted) rather than ml_collections' TypeError.
+        with base.ignore_type():
+          base[key] = value
 
 
 def _check_custom(c) -> None:
@@ -198,18 +218,21 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for field in ("num_agents", "batch_size", "eval_batch_size"):
     if not _int(c[field]) or c[field] < 1:
       _fail(field, c[field], "an integer >= 1")
-  for field in ("seed", "num_steps", "eval_every", "eval_examples", "train_eval_examples",
+  for field in ("num_steps", "eval_every", "eval_examples", "train_eval_examples",
                 "chunk_size", "log_every", "checkpoint_every"):
     if not _int(c[field]) or c[field] < 0:
       _fail(field, c[field], "an integer >= 0")
+  for field in ("seed", "faults.seed"):
+    seed = c.faults.seed if field == "faults.seed" else c.seed
+    if not _int(seed) or not 0 <= seed <= MAX_SEED:
+      _fail(field, seed, f"an integer in [0, 2**32 - 1 = {MAX_SEED}]: jax.random.key(seed) keeps "
+            "32 bits, so 2**32 + s would be seed s")
   if not _int(c.keep_checkpoints) or c.keep_checkpoints < 1:
     _fail("keep_checkpoints", c.keep_checkpoints, "an integer >= 1")
   for field in ("agent_dropout", "link_failure", "straggler"):
     p = c.faults[field]
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
       _fail(f"faults.{field}", p, "a probability in [0, 1]")
-  if not _int(c.faults.seed) or c.faults.seed < 0:
-    _fail("faults.seed", c.faults.seed, "an integer >= 0")
   if not (_real(c.learning_rate) and c.learning_rate > 0):
     _fail("learning_rate", c.learning_rate, "a finite number > 0")
   if not (_real(c.momentum) and 0.0 <= c.momentum < 1.0):
@@ -237,6 +260,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
       if key not in accepted(name):
         _fail(f"{field}.{key}", c[field][key], f"an option of {name!r}, one of: "
               + (", ".join(accepted(name)) or "none"))
+  if "topology" not in custom:
+    _check_topology_options(c)
+  if "model" not in custom:
+    _check_model_options(c)
+  for field in ("same_init", "combine_batch_stats"):
+    if not isinstance(c[field], bool):
+      _fail(field, c[field], "True or False")
+  if not isinstance(c.data_dir, str):
+    _fail("data_dir", c.data_dir, "a folder, or '' for tfds's default")
   if not isinstance(c.dataset, str) or not c.dataset.strip():
     _fail("dataset", c.dataset, "'synthetic' or a tfds name, e.g. one of: "
           + ", ".join(datasets.SUPPORTED))
@@ -256,6 +288,105 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail("min_per_agent", c.min_per_agent, "an integer >= 0 (0 = default)")
   _by_factory("chunk_size", c.chunk_size, backends.check_chunks, c.backend, c.num_agents,
               c.chunk_size or None)
+
+
+def _divisors(n: int) -> list[int]:
+  small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+  return sorted(set(small + [n // d for d in small]))
+
+
+def _check_topology_options(c) -> None:
+  """The graph options' values, here rather than when the graph is built (after the data is
+  loaded), and those that would say something else than what is used."""
+  o, k = c.topology_options, c.num_agents
+  if "p" in o and not (_real(o.p) and 0.0 < o.p <= 1.0):
+    _fail("topology_options.p", o.p, "an edge probability in (0, 1]")
+  if "period" in o and not (_int(o.period) and o.period >= 1):
+    _fail("topology_options.period", o.period, "an integer >= 1 (steps per matching schedule)")
+  for field in ("lazy", "self_weight"):
+    if field not in o:
+      continue
+    if not (_real(o[field]) and 0.0 <= o[field] < 1.0):
+      _fail(f"topology_options.{field}", o[field], "a number in [0, 1)")
+    if c[field] and o[field] and c[field] != o[field]:  # config.<field> would win, unsaid
+      _fail(f"topology_options.{field}", o[field], f"one of config.{field}={c[field]!r} and "
+            f"config.topology_options.{field}: set one")
+  if "rows" not in o and "cols" not in o:
+    return
+  divisors = _divisors(k)
+  for field in ("rows", "cols"):
+    if field in o and not (_int(o[field]) and o[field] in divisors):
+      _fail(f"topology_options.{field}", o[field], f"a divisor of num_agents={k} (rows x cols = "
+            f"K): one of {', '.join(map(str, divisors))}")
+  if "rows" in o and "cols" in o and o.rows * o.cols != k:
+    rows = max(d for d in divisors if d * d <= k)
+    _fail("topology_options", {"rows": o.rows, "cols": o.cols}, f"rows x cols = num_agents={k}, "
+          f"e.g. rows={rows}, cols={k // rows}")
+
+
+def _widths(v, least: int = 0) -> bool:
+  return (isinstance(v, (list, tuple)) and len(v) >= least
+          and all(_int(w) and w >= 1 for w in v))
+
+
+# (model, option) -> (test, what is accepted): a value of another type would fail only inside
+# flax's trace, after the data has loaded, with a traceback.
+_MODEL_OPTIONS = {
+    ("mlp", "hidden"): (_widths, "a tuple of hidden widths >= 1, e.g. (256, 256), or () for "
+                                 "none"),
+    ("cnn", "features"): (lambda v: _widths(v, 1), "a tuple of conv widths >= 1, e.g. "
+                                                   "(16, 32, 64)"),
+    ("cnn", "hidden"): (lambda v: _int(v) and v >= 1, "an integer >= 1, e.g. 96"),
+    ("cnn", "batch_norm"): (lambda v: isinstance(v, bool), "True or False"),
+    ("resnet20", "stage_sizes"): (lambda v: _widths(v, 1), "a tuple of blocks per stage >= 1, "
+                                                           "e.g. (3, 3, 3)"),
+    ("resnet20", "widths"): (lambda v: _widths(v, 1), "a tuple of widths per stage >= 1, e.g. "
+                                                      "(16, 32, 64)"),
+}
+
+
+def _check_model_options(c) -> None:
+  o = c.model_options
+  for key in o:
+    test, accepted = _MODEL_OPTIONS.get((c.model, key), (None, ""))
+    if test is not None and not test(o[key]):
+      _fail(f"model_options.{key}", o[key], accepted)
+  if "dtype" in o:  # build.model would take it over config.precision, unsaid
+    _fail("model_options.dtype", o.dtype, "no dtype here: config.precision ('float32' or "
+          "'bfloat16') sets the model's compute dtype")
+  if "conv" in o:
+    if not (callable(o.conv) or o.conv in models.CONVS):
+      raise ValueError(f"config.model_options.conv={_shown(o.conv)} is not accepted: unknown "
+                       f"conv {o.conv!r}; expected one of: {', '.join(models.CONVS)}, or leave it "
+                       "out (config.conv picks)")
+    if c.conv not in ("auto", o.conv):  # the option would win, unsaid
+      _fail("model_options.conv", o.conv, f"one of config.conv={c.conv!r} and "
+            "config.model_options.conv: set one")
+  if c.model == "resnet20" and ("stage_sizes" in o or "widths" in o):
+    stages, widths = o.get("stage_sizes", (3, 3, 3)), o.get("widths", (16, 32, 64))
+    if len(stages) != len(widths):
+      _fail("model_options", {"stage_sizes": stages, "widths": widths}, "as many widths as "
+            "stages")
+
+
+def split_items(text: str) -> list[str]:
+  """``text`` split at its top-level commas: those inside brackets or quotes belong to an item
+  (``"a=(1, 2),b='x,y'"`` -> ``["a=(1, 2)", "b='x,y'"]``). Items are not stripped; unbalanced
+  brackets or quotes raise ValueError."""
+  items, depth, quote, start = [], 0, "", 0
+  for i, ch in enumerate(text):
+    if quote or ch in "'\"":
+      quote = "" if ch == quote else quote or ch
+    else:
+      depth += (ch in "([{") - (ch in ")]}")
+    if depth < 0:
+      break
+    if ch == "," and depth == 0 and not quote:
+      items.append(text[start:i])
+      start = i + 1
+  if depth or quote:
+    raise ValueError(f"unbalanced brackets or quotes in {text!r}")
+  return items + [text[start:]]
 
 
 def parse_arg(arg: str | None, knobs: Mapping[str, object],
@@ -281,20 +412,10 @@ def parse_arg(arg: str | None, knobs: Mapping[str, object],
     raise ValueError(f"{problem}; {accepted}")
 
   text = arg or ""
-  items, depth, quote, start = [], 0, "", 0
-  for i, ch in enumerate(text):
-    if quote or ch in "'\"":
-      quote = "" if ch == quote else quote or ch
-    else:
-      depth += (ch in "([{") - (ch in ")]}")
-    if depth < 0:
-      break
-    if ch == "," and depth == 0 and not quote:
-      items.append(text[start:i])
-      start = i + 1
-  if depth or quote:
+  try:
+    items = split_items(text)
+  except ValueError:
     refuse(f"unbalanced brackets or quotes in config variant {text!r}")
-  items.append(text[start:])
 
   values, named = {}, set()
   for item in (item.strip() for item in items):

@@ -4,16 +4,21 @@ Each finished run appends one JSON line to ``--out``: its key (the sorted JSON o
 the overrides, the full resolved config, the history (scalar metrics of every evaluation), the
 final row, the best ``test_acc_mean``, the wall time and ``status``: "ok", "diverged" (NaN/Inf:
 a result of the point, not retried) or "error" (retried). A rerun
-with the same ``--out`` skips the points that already have an ok row and retries the failed ones.
-Runs of the same shapes share one compiled step (seeds, learning rates, DRT strengths,
-topology weights), so a sweep over seeds compiles once.
+with the same ``--out`` skips the points that already have an ok row and retries the failed ones;
+a line of ``--out`` that is not a whole row is skipped with a warning (its point runs again).
+The binary runs every point, then exits non-zero if some failed (status "error"). One sweep at a
+time writes an ``--out``: ``<out>.lock`` holds its pid and host while it runs (a lock left by a
+sweep that died on this host is taken over, with a warning). Runs of the same shapes share one
+compiled step (seeds, learning rates, DRT strengths, topology weights), so a sweep over seeds
+compiles once.
 
   python experiments/sweep.py --config=experiments/configs/default.py:smoke \
       --grid=algorithm=atc,drt --grid=seed=0,1 --out=runs/sweep.jsonl
 
 ``--grid field=v1,v2,...`` is repeated, one per field; dotted fields (``drt.strength``,
-``model_options.hidden``) are allowed; values are comma-separated scalars read as JSON where
-possible (``0.1``, ``true``, ``"0"``) and as strings otherwise (``ring``). Points are the product of
+``model_options.hidden``) are allowed; values are comma-separated, each read as JSON where possible
+(``0.1``, ``true``, ``"0"``), else as a Python literal (``(16, 16)``, ``[8]``: commas inside
+brackets or quotes belong to the value), else as a string (``ring``). Points are the product of
 the grids, the last ``--grid`` varying fastest. ``experiments/plot.py`` turns the JSONL into
 figures and a table.
 
@@ -24,6 +29,8 @@ From Python::
                    "runs/sweep.jsonl")
 """
 
+import ast
+import contextlib
 import copy
 import hashlib
 import itertools
@@ -31,6 +38,7 @@ import json
 import math
 import os
 import re
+import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -45,7 +53,11 @@ from drt_jax import workdir as workdir_lib
 from experiments import common
 
 FINISHED = ("ok", "diverged")  # statuses a rerun skips
-GRID_FORM = "field=v1,v2,... (e.g. --grid=seed=0,1 or --grid=drt.strength=0.5,1.0)"
+GRID_FORM = ("field=v1,v2,... (e.g. --grid=seed=0,1, --grid=drt.strength=0.5,1.0 or "
+             "--grid=model_options.hidden=(16,),(32,))")
+# A lock whose holder wrote nothing readable is taken over only this long after it was made (a
+# starting sweep writes its pid right after creating it).
+_LOCK_UNREADABLE_GRACE_S = 10.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,24 +179,48 @@ def run(base, overrides_list: Sequence[Mapping], out: str, *, workdir_root: str 
 
   Returns:
     One row per distinct point, in order: the stored one for skipped points, else the new one.
+
+  Raises:
+    ValueError: a point is not a valid config (nothing has run).
+    Locked: another sweep, still running, writes ``out`` (it holds ``<out>.lock``).
   """
   check(base, overrides_list)
-  done = {r["key"]: r for r in workdir_lib.read_jsonl(out)
-          if r.get("status") in FINISHED and "key" in r}
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with _locked(out):
+    return _run(base, overrides_list, out, workdir_root, metrics)
+
+
+def _finished(row: dict) -> bool:
+  """Whether ``row`` is a whole row of a finished point (a rerun skips its point)."""
+  overrides = row.get("overrides")
+  return (row.get("status") in FINISHED and isinstance(overrides, dict)
+          and row.get("key") == run_key(overrides)
+          and (row["status"] != "ok" or isinstance(row.get("final"), dict)))
+
+
+def _run(base, overrides_list, out, workdir_root, metrics) -> list[dict]:
+  done, broken = {}, 0
+  for row in workdir_lib.read_jsonl(out):
+    if _finished(row):
+      done[row["key"]] = row
+    elif row.get("status") != "error" or not isinstance(row.get("key"), str):
+      broken += 1
+  if broken:
+    logging.warning("%s: %d rows are not whole sweep rows (key, overrides, status, final); "
+                    "ignored, their points run again", out, broken)
   todo, results = [], {}
   for overrides in overrides_list:
     key = run_key(overrides)
     if key in results:
       continue
     results[key] = done.get(key)
-    if key not in done:
+    if key in done:
+      _warn_if_config_changed(done[key], config_for(base, overrides))
+    else:
       todo.append(overrides)
   skipped = len(results) - len(todo)
   if skipped:
     logging.info("skipping %d finished runs (in %s)", skipped, out)
-  for row in results.values():
-    if row is not None:
-      _warn_if_config_changed(row, config_for(base, row["overrides"]))
 
   for i, overrides in enumerate(todo, 1):
     key = run_key(overrides)
@@ -207,7 +243,8 @@ def run(base, overrides_list: Sequence[Mapping], out: str, *, workdir_root: str 
 
 
 def _warn_if_config_changed(row: dict, config: dict) -> None:
-  now, then = config_lib.resolve(config).to_dict(), row.get("config", {})
+  now, then = config_lib.resolve(config).to_dict(), row.get("config")
+  then = then if isinstance(then, dict) else {}
   changed = sorted(k for k in now if k in then and json.dumps(now[k], sort_keys=True)
                    != json.dumps(then[k], sort_keys=True))
   if changed:
@@ -217,15 +254,100 @@ def _warn_if_config_changed(row: dict, config: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# The output file's lock: two sweeps appending to one file would each train the other's points.
+
+
+class Locked(OSError):
+  """Another sweep, still running, writes the same output file."""
+
+
+def _holder(path: str) -> dict | None:
+  """What a lock file says of its holder: ``{}`` if unreadable, None if it is gone."""
+  try:
+    with open(path) as f:
+      holder = json.loads(f.read() or "null")
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError):
+    return {}
+  return holder if isinstance(holder, dict) else {}
+
+
+def _alive(pid) -> bool:
+  if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True
+
+
+def _stale(path: str, holder: dict) -> bool:
+  """A lock whose sweep is gone: on this host with a dead pid, or unreadable and not new."""
+  if not holder:
+    try:
+      return time.time() - os.path.getmtime(path) > _LOCK_UNREADABLE_GRACE_S
+    except OSError:
+      return False
+  return holder.get("host") == socket.gethostname() and not _alive(holder.get("pid"))
+
+
+@contextlib.contextmanager
+def _locked(out: str):
+  """Holds ``<out>.lock`` (created with O_EXCL, holding pid and host) while the body runs."""
+  path, me = out + ".lock", {"pid": os.getpid(), "host": socket.gethostname()}
+  for _ in range(3):  # a stale lock removed, or one gone in between: try again
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      holder = _holder(path)
+      if holder is None:
+        continue
+      if not _stale(path, holder):
+        who = (f"pid {holder.get('pid')} on {holder.get('host')}" if holder
+               else "a sweep starting now (no pid written yet)")
+        raise Locked(f"{out} is in use by another sweep: {path} holds {who}; wait for it, use "
+                     f"another --out, or remove {path} if no sweep runs there") from None
+      logging.warning("taking over %s: its sweep (pid %s on %s) is not running", path,
+                      holder.get("pid"), holder.get("host"))
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+      continue
+    with os.fdopen(fd, "w") as f:
+      json.dump(me, f)
+    break
+  else:
+    raise Locked(f"{out}: could not take {path}; another sweep keeps taking it")
+  try:
+    yield path
+  finally:
+    if _holder(path) == me:  # not a lock another sweep took over meanwhile
+      os.remove(path)
+
+
+# --------------------------------------------------------------------------------------------
 # Command line.
+
+
+def _plain(v) -> bool:
+  """A value a config field can hold: a scalar, or a tuple or list of them."""
+  if isinstance(v, (list, tuple)):
+    return all(_plain(x) for x in v)
+  return v is None or isinstance(v, (bool, int, float, str))
 
 
 def _value(text: str):
   try:
-    v = json.loads(text)
+    v = json.loads(text)  # 0.1, true, "0": as they always were
   except json.JSONDecodeError:
-    return text
-  return v if v is None or isinstance(v, (bool, int, float, str)) else text
+    try:
+      v = ast.literal_eval(text)  # (16, 16), [8], 'a,b'
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+      return text  # a bare word such as ring
+  return v if _plain(v) else text
 
 
 def _known_field(field: str) -> bool:
@@ -256,7 +378,11 @@ def parse_grid(specs: Sequence[str]) -> dict[str, list]:
     if field in grid:
       raise ValueError(f"--grid {spec!r}: field {field!r} given twice; expected one "
                        f"{GRID_FORM} per field")
-    items = [v.strip() for v in values.split(",")]
+    try:
+      items = [v.strip() for v in config_lib.split_items(values)]
+    except ValueError:
+      raise ValueError(f"--grid {spec!r}: unbalanced brackets or quotes; expected "
+                       f"{GRID_FORM}") from None
     if not values.strip() or any(not v for v in items):
       raise ValueError(f"--grid {spec!r}: empty value; expected {GRID_FORM}")
     grid[field] = [_value(v) for v in items]
@@ -266,17 +392,20 @@ def parse_grid(specs: Sequence[str]) -> dict[str, list]:
 def summary_table(rows: Sequence[dict]) -> str:
   """One line per run: key, final test accuracy, generalization gap, wall time."""
 
-  def num(row, field):
-    v = row.get("final", {}).get(field)
-    return "-" if v is None else f"{v:.4f}"
+  def num(value, spec):  # stored rows are read back: anything may stand in a field
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return f"{value:{spec}}" if ok else "-"
+
+  def final(row, field):
+    return row["final"].get(field) if isinstance(row.get("final"), dict) else None
 
   width = max([len(r["key"]) for r in rows] + [3])
   lines = [f"{'key':<{width}}  {'test acc':>8}  {'gen gap':>8}  {'wall s':>7}  status"]
   for r in rows:
-    wall = r.get("wall_time_s")
-    lines.append(f"{r['key']:<{width}}  {num(r, 'test_acc_mean'):>8}  {num(r, 'gen_gap'):>8}  "
-                 f"{'-' if wall is None else f'{wall:.1f}':>7}  "
-                 f"{r['status'] if r['status'] == 'ok' else r.get('error', r['status'])}")
+    status = r.get("status")
+    lines.append(f"{r['key']:<{width}}  {num(final(r, 'test_acc_mean'), '.4f'):>8}  "
+                 f"{num(final(r, 'gen_gap'), '.4f'):>8}  {num(r.get('wall_time_s'), '.1f'):>7}  "
+                 f"{status if status == 'ok' else r.get('error', status)}")
   return "\n".join(lines)
 
 
@@ -308,6 +437,10 @@ def main(argv):
   rows = run(f.config, todo, f.out, workdir_root=f.workdir_root or None)
   print(summary_table(rows))
   print(f"\nresults: {os.path.abspath(f.out)}")
+  failed = sum(r.get("status") == "error" for r in rows)
+  if failed:  # after every point ran; a diverged point is a result, not a failure
+    sys.exit(f"error: {failed} of {len(rows)} sweep points failed (status error in {f.out}); "
+             "rerun the same command to retry them")
 
 
 if __name__ == "__main__":

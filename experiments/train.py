@@ -82,7 +82,13 @@ def run_configs(c) -> dict:
   compare = compare or (library.get("algorithm", "atc"),)  # --config.compare= : just one run
   if len(set(compare)) != len(compare):
     raise ValueError(f"config.compare={compare!r} names an algorithm twice; list each once")
-  return {name: config_lib.resolve({**library, "algorithm": name}) for name in compare}
+  configs = {}
+  for name in compare:
+    try:
+      configs[name] = config_lib.resolve({**library, "algorithm": name})
+    except ValueError as e:  # said of compare, which set it, not of algorithm alone
+      raise ValueError(f"config.compare names {name!r}: {e}") from None
+  return configs
 
 
 def run_experiment(c, workdir: str, overwrite: bool = False) -> dict:

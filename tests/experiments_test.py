@@ -27,6 +27,14 @@ METRICS = ("step", "test_acc_mean", "test_acc_min", "test_acc_max", "test_acc_pe
            "output_disagreement", "drt_mean", "self_weight_mean", "bytes_per_agent_step")
 
 
+def run_binary(name, *args, timeout=120):
+  """``python experiments/<name>.py *args`` on CPU, its output captured: cheap for bad input,
+  which fails before JAX compiles anything."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, os.path.join(_EXPERIMENTS, f"{name}.py"), *args],
+                        capture_output=True, text=True, env=env, timeout=timeout, check=False)
+
+
 def get_config(name, arg=None):
   path = os.path.join(_EXPERIMENTS, "configs", f"{name}.py")
   spec = importlib.util.spec_from_file_location(f"config_{name}", path)
@@ -186,9 +194,12 @@ class BinaryTest(absltest.TestCase):
     c.compare = ("atc", "atc")
     with self.assertRaisesRegex(ValueError, "names an algorithm twice"):
       train_binary.run_configs(c)
+    c.compare = ("atc", "bogus")  # said of compare, which named it
+    with self.assertRaisesRegex(ValueError, "^config.compare names 'bogus': config.algorithm="
+                                "'bogus' is not accepted; expected one of: atc,"):
+      train_binary.run_configs(c)
 
   def test_bad_flags_give_one_line(self):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     smoke = f"--config={_EXPERIMENTS}/configs/default.py:smoke"
     for args, expected in (
         ([smoke, "--config.bogus=1"], "unknown config field 'bogus'; known fields:"),
@@ -205,9 +216,7 @@ class BinaryTest(absltest.TestCase):
         ([f"{smoke}x"], "unknown variant 'smokex'"),
         ([f"{smoke},agents=abc"], "knob 'agents' takes a value of type int such as agents=16, "
          "got 'agents=abc'; accepted: knobs agents=16, algorithm='',")):
-      proc = subprocess.run(
-          [sys.executable, os.path.join(_EXPERIMENTS, "train.py"), "--workdir=/nonexistent/x",
-           *args], capture_output=True, text=True, env=env, timeout=120, check=False)
+      proc = run_binary("train", "--workdir=/nonexistent/x", *args)
       self.assertEqual(proc.returncode, 1, proc.stderr[-2000:])
       last = proc.stderr.strip().splitlines()[-1]
       self.assertTrue(last.startswith("error: "), proc.stderr[-2000:])
@@ -215,12 +224,9 @@ class BinaryTest(absltest.TestCase):
 
   def test_variant_knobs_from_the_command_line(self):
     # The k=v form end to end, as small as a run gets: 4 agents, 2 steps, ATC alone.
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     config = f"--config={_EXPERIMENTS}/configs/default.py:smoke,agents=4,steps=2,algorithm=atc"
     with tempfile.TemporaryDirectory() as workdir:
-      proc = subprocess.run(
-          [sys.executable, os.path.join(_EXPERIMENTS, "train.py"), config, f"--workdir={workdir}",
-           "--host_devices=1"], capture_output=True, text=True, env=env, timeout=300, check=False)
+      proc = run_binary("train", config, f"--workdir={workdir}", "--host_devices=1", timeout=300)
       self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
       self.assertEqual(sorted(os.listdir(workdir)), ["atc", "comparison.png", "summary.md"])
       with open(os.path.join(workdir, "atc", "config.json")) as f:
