@@ -30,6 +30,34 @@ def split(c: ml_collections.ConfigDict) -> tuple[dict, dict]:
   return d, experiment
 
 
+
+# The knobs every config file of experiments/configs takes after ':' besides its flags, as in
+# --config=experiments/configs/default.py:algorithm=atc,agents=32,smoke.
+KNOBS = {  # short name on the command line -> the config field it sets
+    "agents": "num_agents",  # K
+    "algorithm": "algorithm",  # also compare = (algorithm,): one run instead of a comparison
+    "topology": "topology",  # one of topology.KINDS
+    "steps": "num_steps",
+    "seed": "seed",
+    "lr": "learning_rate",
+}
+
+
+def variants(c: ml_collections.ConfigDict, arg, flags=()) -> tuple[dict, set]:
+  """``(knobs set, flags set)`` of a config file's ``arg``; each knob's default is ``c``'s value
+  of its field (``algorithm``'s is ``''``: keep ``compare``). Apply the flags, then
+  :func:`apply_knobs`, so that knobs win whatever their order."""
+  defaults = {k: c[field] for k, field in KNOBS.items()} | {"algorithm": ""}
+  return config_lib.parse_arg(arg, defaults, flags)
+
+
+def apply_knobs(c: ml_collections.ConfigDict, knobs: dict) -> None:
+  for k, value in knobs.items():
+    c[KNOBS[k]] = value
+  if "algorithm" in knobs:
+    c.compare = (knobs["algorithm"],)
+
+
 _DATA: dict = {}
 
 

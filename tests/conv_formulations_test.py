@@ -7,6 +7,7 @@ import chex
 import jax
 import jax.numpy as jnp
 from absl.testing import absltest, parameterized
+from fixtures import assert_conv_matches_xla
 
 from benchmarks import conv_formulations
 from drt_jax import config as config_lib
@@ -78,7 +79,7 @@ class ModelsTest(parameterized.TestCase):
   def test_same_parameters_outputs_and_gradients_vmapped(self, name, kw):
     for conv in ("xla_dw_matmul", "xla_dw_taps"):
       with self.subTest(conv):
-        self._check_same_as_xla(name, kw, conv)
+        assert_conv_matches_xla(name, kw, conv_formulations.conv_fn(conv))
 
   @parameterized.parameters(
       ("resnet20", {"stage_sizes": (1,), "widths": (16,), "input_shape": (6, 6, 3)}),
@@ -86,25 +87,7 @@ class ModelsTest(parameterized.TestCase):
   def test_pallas_kernel_gradients_vmapped(self, name, kw):
     """Channels from 16 up, so the stride-1 kernel gradients take conv_grad's path (on a CPU its
     XLA products; the kernel itself: conv_grad_test)."""
-    self._check_same_as_xla(name, kw, "xla_dw_pallas")
-
-  def _check_same_as_xla(self, name, kw, conv):
-    xla = models.make(name, **kw)
-    lab = models.make(name, conv=conv_formulations.conv_fn(conv), **kw)
-    keys = jax.random.split(jax.random.key(0), 2)
-    variables = jax.vmap(xla.init)(keys)
-    chex.assert_trees_all_equal_shapes(variables, jax.vmap(lab.init)(keys))
-    x = jax.random.normal(jax.random.key(1), (2, 3, *xla.input_shape))
-
-    def per_agent(model):
-      def loss(params, xs, rest):
-        return jnp.sum(model.apply({**rest, "params": params}, xs, True)[0] ** 2)
-
-      rest = {k: v for k, v in variables.items() if k != "params"}
-      return jax.jit(jax.vmap(jax.value_and_grad(loss)))(variables["params"], x, rest)
-
-    want, got = per_agent(xla), per_agent(lab)
-    chex.assert_trees_all_close(got, want, rtol=2e-4, atol=2e-4)
+    assert_conv_matches_xla(name, kw, conv_formulations.conv_fn("xla_dw_pallas"))
 
   def test_unknown_lab_conv(self):
     with self.assertRaisesWithLiteralMatch(

@@ -2,7 +2,11 @@
 
 import functools
 
-from drt_jax import data
+import chex
+import jax
+import jax.numpy as jnp
+
+from drt_jax import data, models
 
 # Four agents, a small MLP, a few steps: compiles in seconds on a CPU.
 TINY = {
@@ -24,3 +28,23 @@ def tiny_data(shape=(8, 8, 1), num_train=256):
 def untimed(rows):
   """``rows`` without their :data:`TIMING` fields, for comparing runs."""
   return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def assert_conv_matches_xla(name: str, kw: dict, conv) -> None:
+  """Model ``name`` computing its convolutions with ``conv`` (a name or a function) has the same
+  parameters, outputs and gradients as with XLA's, per agent under vmap."""
+  xla, other = models.make(name, **kw), models.make(name, conv=conv, **kw)
+  keys = jax.random.split(jax.random.key(0), 2)
+  variables = jax.vmap(xla.init)(keys)
+  chex.assert_trees_all_equal_shapes(variables, jax.vmap(other.init)(keys))
+  x = jax.random.normal(jax.random.key(1), (2, 3, *xla.input_shape))
+
+  def per_agent(model):
+    def loss(params, xs, rest):
+      return jnp.sum(model.apply({**rest, "params": params}, xs, True)[0] ** 2)
+
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    return jax.jit(jax.vmap(jax.value_and_grad(loss)))(variables["params"], x, rest)
+
+  want, got = per_agent(xla), per_agent(other)
+  chex.assert_trees_all_close(got, want, rtol=2e-4, atol=2e-4)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
+from fixtures import assert_conv_matches_xla
 
 from drt_jax import models
 
@@ -133,7 +134,7 @@ class ConvFormulationTest(parameterized.TestCase):
       ("resnet20", {"stage_sizes": (1, 1, 1), "widths": (4, 8, 8), "input_shape": (12, 12, 3)}),
       ("cnn", {"features": (4, 8), "hidden": 16, "input_shape": (12, 12, 1)}))
   def test_same_parameters_outputs_and_gradients_vmapped(self, name, kw):
-    self._check_same_as_xla(name, kw, "taps")
+    assert_conv_matches_xla(name, kw, "taps")
 
   def test_a_function_computes_every_convolution(self):
     """conv may be a conv_general_dilated: every nn.Conv of the model calls it."""
@@ -149,23 +150,6 @@ class ConvFormulationTest(parameterized.TestCase):
     # The stem, two per block, and the 1x1 shortcuts of the two blocks that change shape.
     self.assertLen(calls, 1 + 2 * 3 + 2)
     self.assertIn((1, 1, 4, 8), calls)
-
-  def _check_same_as_xla(self, name, kw, conv):
-    xla, other = models.make(name, **kw), models.make(name, conv=conv, **kw)
-    keys = jax.random.split(jax.random.key(0), 2)
-    variables = jax.vmap(xla.init)(keys)
-    chex.assert_trees_all_equal_shapes(variables, jax.vmap(other.init)(keys))
-    x = jax.random.normal(jax.random.key(1), (2, 3, *xla.input_shape))
-
-    def per_agent(model):
-      def loss(params, xs, rest):
-        return jnp.sum(model.apply({**rest, "params": params}, xs, True)[0] ** 2)
-
-      rest = {k: v for k, v in variables.items() if k != "params"}
-      return jax.jit(jax.vmap(jax.value_and_grad(loss)))(variables["params"], x, rest)
-
-    want, got = per_agent(xla), per_agent(other)
-    chex.assert_trees_all_close(got, want, rtol=2e-4, atol=2e-4)
 
   def test_other_convolutions_fall_back_to_lax(self):
     x = jax.random.normal(jax.random.key(0), (2, 9, 3))

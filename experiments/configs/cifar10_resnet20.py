@@ -16,10 +16,10 @@ Smoke variant (a few steps; still needs CIFAR-10 prepared, or tfds's mock data i
       --workdir=/tmp/cifar10_smoke
 
 Variants after ``:`` are comma-separated, as in big_vision: the flag ``smoke`` and the knobs of
-``KNOBS`` as ``name=value`` (values are Python literals, else strings; knobs apply after
-``smoke``, whatever the order): ``agents`` (num_agents), ``algorithm`` (trains that algorithm
-alone instead of comparing DRT and ATC), ``topology``, ``steps`` (num_steps), ``seed``, ``lr``
-(learning_rate). ATC diffusion alone with 32 agents and learning rate 0.1:
+``experiments.common.KNOBS`` as ``name=value`` (values are Python literals, else strings; knobs
+apply after ``smoke``, whatever the order): ``agents`` (num_agents), ``algorithm`` (trains that
+algorithm alone instead of comparing DRT and ATC), ``topology``, ``steps`` (num_steps), ``seed``,
+``lr`` (learning_rate). ATC diffusion alone with 32 agents and learning rate 0.1:
 
   python experiments/train.py \
       --config=experiments/configs/cifar10_resnet20.py:algorithm=atc,agents=32,lr=0.1 \
@@ -27,15 +27,7 @@ alone instead of comparing DRT and ATC), ``topology``, ``steps`` (num_steps), ``
 """
 
 from drt_jax import config as config_lib
-
-KNOBS = {  # short name on the command line -> the config field it sets
-    "agents": "num_agents",  # K
-    "algorithm": "algorithm",  # also compare = (algorithm,): one run instead of DRT vs ATC
-    "topology": "topology",  # one of topology.KINDS
-    "steps": "num_steps",
-    "seed": "seed",
-    "lr": "learning_rate",
-}
+from experiments import common
 
 
 def get_config(arg=None):
@@ -57,17 +49,12 @@ def get_config(arg=None):
   c.eval_examples = 0
   c.train_eval_examples = 5000
   c.compare = ("drt", "atc")
-  # Knobs default to the values above; algorithm's '' keeps compare (DRT vs ATC).
-  defaults = {k: c[field] for k, field in KNOBS.items()} | {"algorithm": ""}
-  knobs, flags = config_lib.parse_arg(arg, defaults, ("smoke",))
+  knobs, flags = common.variants(c, arg, ("smoke",))
   if "smoke" in flags:
     c.num_agents, c.num_steps, c.eval_every = 2, 2, 1
     c.batch_size = 4
     c.eval_examples = c.train_eval_examples = 16
     c.model_options.widths = (4, 8, 8)
     c.model_options.stage_sizes = (1, 1, 1)
-  for k, value in knobs.items():
-    c[KNOBS[k]] = value
-  if "algorithm" in knobs:
-    c.compare = (knobs["algorithm"],)
+  common.apply_knobs(c, knobs)
   return c

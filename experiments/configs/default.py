@@ -11,25 +11,17 @@ Smoke variant (seconds; CI):
   python experiments/train.py --config=experiments/configs/default.py:smoke --workdir=/tmp/smoke
 
 Variants after ``:`` are comma-separated, as in big_vision: the flag ``smoke`` and the knobs of
-``KNOBS`` as ``name=value`` (values are Python literals, else strings; knobs apply after
-``smoke``, whatever the order): ``agents`` (num_agents), ``algorithm`` (trains that algorithm
-alone instead of comparing DRT and ATC), ``topology``, ``steps`` (num_steps), ``seed``, ``lr``
-(learning_rate). ATC diffusion alone with 32 agents, smoke-sized:
+``experiments.common.KNOBS`` as ``name=value`` (values are Python literals, else strings; knobs
+apply after ``smoke``, whatever the order): ``agents`` (num_agents), ``algorithm`` (trains that
+algorithm alone instead of comparing DRT and ATC), ``topology``, ``steps`` (num_steps), ``seed``,
+``lr`` (learning_rate). ATC diffusion alone with 32 agents, smoke-sized:
 
   python experiments/train.py \
       --config=experiments/configs/default.py:algorithm=atc,agents=32,smoke --workdir=/tmp/atc32
 """
 
 from drt_jax import config as config_lib
-
-KNOBS = {  # short name on the command line -> the config field it sets
-    "agents": "num_agents",  # K
-    "algorithm": "algorithm",  # also compare = (algorithm,): one run instead of DRT vs ATC
-    "topology": "topology",  # one of topology.KINDS
-    "steps": "num_steps",
-    "seed": "seed",
-    "lr": "learning_rate",
-}
+from experiments import common
 
 
 def get_config(arg=None):
@@ -48,9 +40,7 @@ def get_config(arg=None):
   c.eval_examples = 1000
   c.train_eval_examples = 500
   c.compare = ("drt", "atc")
-  # Knobs default to the values above; algorithm's '' keeps compare (DRT vs ATC).
-  defaults = {k: c[field] for k, field in KNOBS.items()} | {"algorithm": ""}
-  knobs, flags = config_lib.parse_arg(arg, defaults, ("smoke",))
+  knobs, flags = common.variants(c, arg, ("smoke",))
   if "smoke" in flags:
     c.num_agents = 4
     c.num_steps = 4
@@ -58,8 +48,5 @@ def get_config(arg=None):
     c.eval_examples = c.train_eval_examples = 64
     c.model_options.features = (4, 8, 8)
     c.model_options.hidden = 16
-  for k, value in knobs.items():
-    c[KNOBS[k]] = value
-  if "algorithm" in knobs:
-    c.compare = (knobs["algorithm"],)
+  common.apply_knobs(c, knobs)
   return c

@@ -16,10 +16,10 @@ The study sweeps this config (``experiments/study.py``). Smoke variant (seconds)
       --workdir=/tmp/fashion_mnist_smoke
 
 Variants after ``:`` are comma-separated, as in big_vision: the flag ``smoke`` and the knobs of
-``KNOBS`` as ``name=value`` (values are Python literals, else strings; knobs apply after
-``smoke``, whatever the order): ``agents`` (num_agents), ``algorithm`` (trains that algorithm
-alone instead of comparing DRT and ATC), ``topology``, ``steps`` (num_steps), ``seed``, ``lr``
-(learning_rate). DRT diffusion alone on a torus of 16 agents, seed 1:
+``experiments.common.KNOBS`` as ``name=value`` (values are Python literals, else strings; knobs
+apply after ``smoke``, whatever the order): ``agents`` (num_agents), ``algorithm`` (trains that
+algorithm alone instead of comparing DRT and ATC), ``topology``, ``steps`` (num_steps), ``seed``,
+``lr`` (learning_rate). DRT diffusion alone on a torus of 16 agents, seed 1:
 
   python experiments/train.py \
       --config=experiments/configs/fashion_mnist.py:algorithm=drt,topology=torus,seed=1 \
@@ -27,15 +27,7 @@ alone instead of comparing DRT and ATC), ``topology``, ``steps`` (num_steps), ``
 """
 
 from drt_jax import config as config_lib
-
-KNOBS = {  # short name on the command line -> the config field it sets
-    "agents": "num_agents",  # K
-    "algorithm": "algorithm",  # also compare = (algorithm,): one run instead of DRT vs ATC
-    "topology": "topology",  # one of topology.KINDS
-    "steps": "num_steps",
-    "seed": "seed",
-    "lr": "learning_rate",
-}
+from experiments import common
 
 DATASET = "fashion_mnist"
 
@@ -59,15 +51,10 @@ def get_config(arg=None):
   c.eval_examples = 2000
   c.train_eval_examples = 2000
   c.compare = ("drt", "atc")
-  # Knobs default to the values above; algorithm's '' keeps compare (DRT vs ATC).
-  defaults = {k: c[field] for k, field in KNOBS.items()} | {"algorithm": ""}
-  knobs, flags = config_lib.parse_arg(arg, defaults, ("smoke",))
+  knobs, flags = common.variants(c, arg, ("smoke",))
   if "smoke" in flags:
     c.num_agents, c.num_steps, c.eval_every = 4, 4, 2
     c.eval_examples = c.train_eval_examples = 64
     c.model_options.features, c.model_options.hidden = (4, 8, 8), 16
-  for k, value in knobs.items():
-    c[KNOBS[k]] = value
-  if "algorithm" in knobs:
-    c.compare = (knobs["algorithm"],)
+  common.apply_knobs(c, knobs)
   return c
