@@ -6,6 +6,8 @@ they need no display and leave the caller's matplotlib backend (e.g. a notebook'
 
 from matplotlib.figure import Figure
 
+from drt_jax import workdir
+
 DEFAULT_METRICS = (
     ("test_acc_mean", "mean test accuracy"),
     ("gen_gap", "generalization gap (train - test acc)"),
@@ -29,7 +31,7 @@ def plot_histories(histories: dict, path: str, metrics=DEFAULT_METRICS) -> str:
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  workdir.replace_file(path, lambda tmp: fig.savefig(tmp, dpi=110))
   return path
 
 
@@ -49,5 +51,5 @@ def plot_self_weights(history: list, path: str, title: str | None = None) -> str
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  workdir.replace_file(path, lambda tmp: fig.savefig(tmp, dpi=110))
   return path

@@ -142,7 +142,7 @@ def plot(groups: dict[str, list[dict]], path: str,
   axes[0][0].legend(fontsize=7)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100)
+  workdir_lib.replace_file(path, lambda tmp: fig.savefig(tmp, dpi=100))
   return path
 
 
@@ -180,8 +180,7 @@ def main(argv):
   groups = group(rows, f.by)
   figure = plot(groups, os.path.join(f.out, "comparison.png"), f.metrics)
   table = summary(groups)
-  with open(os.path.join(f.out, "summary.md"), "w") as fh:
-    fh.write(table + "\n")
+  workdir_lib.write_text(os.path.join(f.out, "summary.md"), table + "\n")
   print(table)
   print(f"\nfigure: {os.path.abspath(figure)}")
 

@@ -233,8 +233,7 @@ def report(out: str) -> str:
         path = plot_lib.plot(chosen, os.path.join(out, f"{name}.png"))
         parts.append(f"![{name}]({os.path.basename(path)})")
   text = "\n\n".join(parts) + "\n"
-  with open(os.path.join(out, "tables.md"), "w") as f:
-    f.write(text)
+  workdir_lib.write_text(os.path.join(out, "tables.md"), text)
   return text
 
 

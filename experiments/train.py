@@ -120,8 +120,7 @@ def run_experiment(c, workdir: str, overwrite: bool = False) -> dict:
   table = summary_table(histories)
   title = (f"{data.name}, K={first.num_agents} {first.topology}, {first.partition} partition, "
            f"{first.num_steps} steps of {first.batch_size} per agent")
-  with open(os.path.join(workdir, "summary.md"), "w") as f:
-    f.write(f"# {title}\n\n{table}\n")
+  workdir_lib.write_text(os.path.join(workdir, "summary.md"), f"# {title}\n\n{table}\n")
   print(f"\n{title}\n{table}\n")
   print(f"runs:    {os.path.abspath(workdir)}/<algorithm>/  (metrics.jsonl, curves.png, ...)")
   print(f"plot:    {os.path.abspath(figure)}")
