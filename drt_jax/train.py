@@ -189,8 +189,9 @@ class _Progress:
     """Starts the bar at ``step``, once the first step has compiled: the rate is the steps'."""
     if self.enabled and self.bar is None:
       from tqdm.auto import tqdm  # noqa: PLC0415 -- picks the notebook widget where it can
+      from tqdm.autonotebook import tqdm as chosen  # noqa: PLC0415 -- what tqdm.auto built on
 
-      if tqdm.__module__.endswith("notebook") or sys.stderr.isatty():
+      if chosen.__module__ == "tqdm.notebook" or sys.stderr.isatty():
         self.bar = tqdm(total=self.total, initial=step, unit="step", dynamic_ncols=True)
 
   def advance(self) -> None:
