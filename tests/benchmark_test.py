@@ -35,15 +35,21 @@ def _results(out: str) -> tuple[dict, list]:
     return result, [json.loads(line) for line in f]
 
 
+def _measured(test: absltest.TestCase, module: str, *args, timeout: int = 300):
+  """``(result, lines)`` of a benchmark run that must succeed (its JSON written to a
+  temporary folder)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "bench.json")
+    proc = _run(module, *args, "--out", out, timeout=timeout)
+    test.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    return _results(out)
+
+
 class TrainStepSmokeTest(absltest.TestCase):
 
   def test_smoke_run_measures_every_variant(self):
-    with tempfile.TemporaryDirectory() as tmp:
-      out = os.path.join(tmp, "bench.json")
-      proc = _run("train_step", "--smoke", "--host_devices", "2", "--scan_steps", "2",
-                  "--profile_steps", "1", "--out", out)
-      self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-      result, lines = _results(out)
+    result, lines = _measured(self, "train_step", "--smoke", "--host_devices", "2",
+                              "--scan_steps", "2", "--profile_steps", "1")
 
     rows = result["rows"]
     self.assertEqual(result["machine"]["local_device_count"], 2)
@@ -127,11 +133,7 @@ class TrainStepSmokeTest(absltest.TestCase):
 class CombineSmokeTest(absltest.TestCase):
 
   def test_smoke_run_times_both_paths_and_reads_the_bytes_moved(self):
-    with tempfile.TemporaryDirectory() as tmp:
-      out = os.path.join(tmp, "combine.json")
-      proc = _run("combine", "--smoke", "--host_devices", "2", "--out", out, timeout=120)
-      self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-      result, lines = _results(out)
+    result, lines = _measured(self, "combine", "--smoke", "--host_devices", "2", timeout=120)
     self.assertEqual(result["machine"]["local_device_count"], 2)
     # The combine alone: both paths timed per K, and the ratio is theirs; on one device and on
     # the agents' mesh (its 2 host devices split K = 8 and 16).
@@ -162,11 +164,7 @@ class CombineSmokeTest(absltest.TestCase):
 class DataMemorySmokeTest(absltest.TestCase):
 
   def test_the_devices_split_the_examples_not_k_copies(self):
-    with tempfile.TemporaryDirectory() as tmp:
-      out = os.path.join(tmp, "data_memory.json")
-      proc = _run("data_memory", "--smoke", "--host_devices", "2", "--out", out, timeout=120)
-      self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-      result, lines = _results(out)
+    result, lines = _measured(self, "data_memory", "--smoke", "--host_devices", "2", timeout=120)
     # The data-memory line: the 2 devices split the examples between them, not K copies.
     memory = result["data_memory"]
     self.assertEqual((memory["K"], memory["backend"]), (64, "shard"))
