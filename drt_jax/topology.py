@@ -121,6 +121,36 @@ class Topology:
     """Whether every matrix of the period equals its transpose (then rows sum to one too)."""
     return all(_symmetric_list(self.nbr_idx[t], self.nbr_w[t]) for t in range(self.period))
 
+  def column_sums(self) -> np.ndarray:
+    """``[T, K]``: the weights each agent k gives, ``sum_l a_lk`` (one by construction for the
+    receiver-normalised rules, ``metropolis`` and ``uniform``)."""
+    return np.asarray(self.nbr_w, np.float64).sum(axis=-1)
+
+  def row_sums(self) -> np.ndarray:
+    """``[T, K]``: the weights agent l's copy receives in total, ``sum_k a_lk`` -- the share of
+    its mass a sender passes on (one for the sender-split rule ``push``)."""
+    idx, w = np.asarray(self.nbr_idx), np.asarray(self.nbr_w, np.float64)
+    k_count = self.num_agents
+    return np.stack([np.bincount(idx[t].reshape(-1), weights=w[t].reshape(-1),
+                                 minlength=k_count) for t in range(self.period)])
+
+  @property
+  def column_stochastic(self) -> bool:
+    """Every agent's weights sum to one at every step (the library's convention: consensus
+    averaging ``x_k <- sum_l a_lk x_l`` with a convex combination)."""
+    return bool(np.all(np.abs(self.column_sums() - 1.0) <= _ATOL))
+
+  @property
+  def row_stochastic(self) -> bool:
+    """Every sender's weights sum to one at every step: the total ``sum_k x_k`` is kept (the
+    convention of push-sum, where a sender splits its mass over its out-neighbours)."""
+    return bool(np.all(np.abs(self.row_sums() - 1.0) <= _ATOL))
+
+  @property
+  def doubly_stochastic(self) -> bool:
+    """Columns and rows sum to one at every step: the network average is kept."""
+    return self.column_stochastic and self.row_stochastic
+
   def num_edges(self, step: int = 0) -> int:
     """Directed links (l -> k, l != k) with positive weight at ``step``."""
     _, a = _entries(*self._step(step))
