@@ -33,11 +33,23 @@ def algorithm(c: ml_collections.ConfigDict,
               local_optimizer: optax.GradientTransformation | None = None):
   """``config.algorithm`` around ``local_optimizer`` (default: :func:`optimizer` of ``c``)."""
   opt = optimizer(c) if local_optimizer is None else local_optimizer
-  kw = {"comm_every": c.comm_every}
-  if algorithms.uses_drt(c.algorithm):
-    kw.update(strength=c.drt.strength, floor=c.drt.floor, eps=c.drt.eps,
-              granularity=c.drt.granularity, reference=c.drt.reference)
-  return algorithms.make(c.algorithm, opt, **kw)
+  return algorithms.make(c.algorithm, opt, **algorithm_options(c))
+
+
+# The algorithm options that have config fields of their own (the rest: config.algorithm_options).
+DRT_FIELDS = ("strength", "floor", "eps", "granularity", "reference")
+
+
+def algorithm_options(c: ml_collections.ConfigDict) -> dict:
+  """The keyword options ``config.algorithm`` is built with: ``comm_every`` and the ``drt`` fields
+  where the algorithm takes them, and ``config.algorithm_options``."""
+  accepted = algorithms.options(c.algorithm)
+  kw = {}
+  if "comm_every" in accepted:
+    kw["comm_every"] = c.comm_every
+  kw.update({f: c.drt[f] for f in DRT_FIELDS if f in accepted})
+  kw.update(c.algorithm_options.to_dict())
+  return kw
 
 
 def topology(c: ml_collections.ConfigDict) -> topology_lib.Topology:
@@ -164,9 +176,9 @@ def objects(c: ml_collections.ConfigDict, data: data_lib.Data, *, model=None, op
   else:
     model_key = model
   if algorithm is None:
-    algorithm_key = ("config", c.algorithm, c.comm_every,
-                     (c.drt.floor, c.drt.eps, c.drt.granularity, c.drt.reference)
-                     if algorithms.uses_drt(c.algorithm) else None,
+    # DRT's strength lives in the state (a traced scalar): sweeping it shares the programs.
+    shaping = {k: v for k, v in algorithm_options(c).items() if k != "strength"}
+    algorithm_key = ("config", c.algorithm, json.dumps(shaping, sort_keys=True, default=str),
                      c.optimizer if optimizer is None else optimizer)
     algorithm = _build_algorithm(c, optimizer)
   else:

@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping
 
 import ml_collections
+import optax
 
 from drt_jax import algorithms, backends, data, datasets, drt, models, partition, topology
 
@@ -42,6 +43,8 @@ def default_config() -> ml_collections.ConfigDict:
   # Algorithm: one of algorithms.NAMES.
   c.algorithm = "atc"
   c.comm_every = 1  # combine every H-th step (local steps in between)
+  # The algorithm's own options (algorithms.options(name)), e.g. {'compressor': 'top_k'} for choco.
+  c.algorithm_options = ml_collections.ConfigDict()
   c.combine_batch_stats = False  # share BatchNorm statistics through the combine (else local)
   c.drt = ml_collections.ConfigDict()
   c.drt.strength = 1.0  # rho: gamma^(p) = rho * n^(p)^2
@@ -97,6 +100,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.faults.agent_dropout = 0.0  # probability an agent drops out (neither trains nor communicates)
   c.faults.link_failure = 0.0  # probability an undirected link fails (both directions)
   c.faults.straggler = 0.0  # probability an agent skips its local step (still communicates)
+  c.faults.byzantine = 0  # number of Byzantine agents (a set drawn from faults.seed)
+  c.faults.attack = "sign_flip"  # what they send instead of their own variables: faults.ATTACKS
+  c.faults.attack_scale = 10.0  # the attack's size (see faults.ATTACKS)
   c.faults.seed = 0  # seeds the fault patterns (a pure function of this seed and the step)
   # Objects train_and_evaluate was given in place of model, optimizer, topology or algorithm:
   # that field then says 'custom' and this holds a short description (written by the trainer).
@@ -163,7 +169,8 @@ def resolve(config: Mapping | ml_collections.ConfigDict | None) -> ml_collection
 
 
 # An example field of each group whose keys are free, for the refusal of a non-mapping.
-_GROUP_EXAMPLE = {"topology_options": "rows", "model_options": "hidden", "custom": "model"}
+_GROUP_EXAMPLE = {"topology_options": "rows", "model_options": "hidden", "custom": "model",
+                  "algorithm_options": "compressor"}
 
 
 def _merge(base, user, prefix):
@@ -245,6 +252,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail("self_weight", c.self_weight, "a number in [0, 1) (0 = the weight rule's own)")
   # Options a factory owns are checked by the factory's own rule, each field on its own.
   _by_factory("comm_every", c.comm_every, algorithms.check_comm_every, c.comm_every)
+  if "algorithm" not in custom:
+    _check_algorithm_options(c)
   defaults = {"floor": 0.05, "eps": 1e-6, "strength": 1.0, "reference": "init",
               "granularity": "module"}
   for field in ("strength", "floor", "eps", "granularity", "reference"):
@@ -288,6 +297,30 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail("min_per_agent", c.min_per_agent, "an integer >= 0 (0 = default)")
   _by_factory("chunk_size", c.chunk_size, backends.check_chunks, c.backend, c.num_agents,
               c.chunk_size or None)
+
+
+# Algorithm options with config fields of their own (build.algorithm_options passes them).
+_OWN_FIELDS = {"comm_every": "comm_every", **{f: f"drt.{f}" for f in
+                                             ("strength", "floor", "eps", "granularity",
+                                              "reference")}}
+
+
+def _check_algorithm_options(c) -> None:
+  """``algorithm_options`` holds options the algorithm takes (and that have no field of their
+  own), with values its factory accepts; ``comm_every`` other than 1 only where it applies."""
+  accepted = algorithms.options(c.algorithm)
+  free = [o for o in accepted if o not in _OWN_FIELDS]
+  for key, value in c.algorithm_options.items():
+    if key in _OWN_FIELDS:
+      _fail(f"algorithm_options.{key}", value, f"set in config.{_OWN_FIELDS[key]}, not here")
+    if key not in free:
+      _fail(f"algorithm_options.{key}", value, f"an option of {c.algorithm!r}, one of: "
+            + (", ".join(free) or "none"))
+  if c.comm_every != 1 and "comm_every" not in accepted:
+    _fail("comm_every", c.comm_every, f"1: {c.algorithm!r} communicates every step")
+  if c.algorithm_options:
+    _by_factory("algorithm_options", c.algorithm_options.to_dict(), algorithms.make,
+                c.algorithm, optax.identity(), **c.algorithm_options.to_dict())
 
 
 def _divisors(n: int) -> list[int]:

@@ -22,7 +22,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from drt_jax import backends, distributed, plotting, train
+from drt_jax import algorithms, backends, distributed, plotting, train
 from drt_jax import config as config_lib
 from drt_jax import workdir as workdir_lib
 from experiments import common
@@ -74,7 +74,11 @@ def summary_table(histories: dict) -> str:
 def run_configs(c) -> dict:
   """algorithm -> resolved library config, for every algorithm of ``compare``; checks them all."""
   library, experiment = common.split(c)
-  config_lib.resolve(library)  # every field, ``algorithm`` too, even where compare replaces it
+  # Each compared algorithm takes the algorithm_options it has (compare=atc,choco with choco's
+  # compressor set); an option none of them takes is refused below.
+  options = dict(library.get("algorithm_options") or {})
+  # every other field, ``algorithm`` too, even where compare replaces it
+  config_lib.resolve({**library, "algorithm_options": {}})
   compare = experiment.get("compare") or (library.get("algorithm", "atc"),)
   # --config.compare=drt,atc arrives as one string (or a tuple holding one).
   compare = tuple(a.strip() for item in ((compare,) if isinstance(compare, str) else compare)
@@ -82,12 +86,20 @@ def run_configs(c) -> dict:
   compare = compare or (library.get("algorithm", "atc"),)  # --config.compare= : just one run
   if len(set(compare)) != len(compare):
     raise ValueError(f"config.compare={compare!r} names an algorithm twice; list each once")
-  configs = {}
+  configs, taken = {}, set()
   for name in compare:
     try:
-      configs[name] = config_lib.resolve({**library, "algorithm": name})
+      own = {k: v for k, v in options.items() if k in algorithms.options(name)}
+      configs[name] = config_lib.resolve({**library, "algorithm": name,
+                                          "algorithm_options": own})
     except ValueError as e:  # said of compare, which set it, not of algorithm alone
       raise ValueError(f"config.compare names {name!r}: {e}") from None
+    taken |= set(own)
+  unused = sorted(set(options) - taken)
+  if unused:
+    raise ValueError(f"config.algorithm_options.{unused[0]} is an option of none of the "
+                     f"compared algorithms ({', '.join(compare)}); drop it or compare one that "
+                     "takes it")
   return configs
 
 

@@ -1,10 +1,12 @@
 """What several test modules share: a tiny config, tiny data, and histories without timings."""
 
 import functools
+import re
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from drt_jax import data, models
 
@@ -48,3 +50,17 @@ def assert_conv_matches_xla(name: str, kw: dict, conv) -> None:
 
   want, got = per_agent(xla), per_agent(other)
   chex.assert_trees_all_close(got, want, rtol=2e-4, atol=2e-4)
+
+
+def collectives(hlo: str) -> dict:
+  """op name -> result shapes in compiled HLO text, e.g. {"all-gather": ["f32[16,1000]"]}."""
+  out = {}
+  for op in ("all-gather", "collective-permute", "all-to-all", "all-reduce"):
+    out[op] = re.findall(r"= (\w+\[[\d,]*\])[^=]*? " + op + r"(?:-start)?\(", hlo)
+  return out
+
+
+def elements(shape: str) -> int:
+  """The number of elements of an HLO shape such as ``f32[16,1000]``."""
+  dims = shape[shape.index("[") + 1:-1]
+  return int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1

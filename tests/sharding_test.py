@@ -1,7 +1,6 @@
 """The agent axis over devices: circulant graphs exchange neighbours by collective-permute."""
 
 import dataclasses
-import re
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +22,7 @@ from drt_jax import (
   train,
 )
 from drt_jax import step as step_lib
+from tests import fixtures
 
 K = 16
 CIRCULANT = ("ring", "torus", "exponential", "one_peer_exponential", "full")
@@ -31,19 +31,6 @@ CIRCULANT = ("ring", "torus", "exponential", "one_peer_exponential", "full")
 def _gathered(topo):
   """The same topology without its circulant structure: neighbours by gather."""
   return dataclasses.replace(topo, shifts=None)
-
-
-def _collectives(hlo: str) -> dict:
-  """op name -> list of result shapes, e.g. {"all-gather": ["f32[16,1000]"]}."""
-  out = {}
-  for op in ("all-gather", "collective-permute", "all-to-all", "all-reduce"):
-    out[op] = re.findall(r"= (\w+\[[\d,]*\])[^=]*? " + op + r"(?:-start)?\(", hlo)
-  return out
-
-
-def _elements(shape: str) -> int:
-  dims = shape[shape.index("[") + 1:-1]
-  return int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
 
 
 class CirculantTest(parameterized.TestCase):
@@ -125,7 +112,7 @@ class CollectivesTest(parameterized.TestCase):
     step = build.programs(c, model, alg).train_step
     # Each device samples from its own block: no collective moves examples between devices.
     block = dev.images.addressable_shards[0].data.size
-    moved = [_elements(shape) for shapes in _collectives(
+    moved = [fixtures.elements(shape) for shapes in fixtures.collectives(
         step.lower(state, topo, dev).compile().as_text()).values() for shape in shapes]
     self.assertLess(max(moved), block, moved)
     state, metrics = step(state, topo, dev)
@@ -165,7 +152,7 @@ class CollectivesTest(parameterized.TestCase):
     topo = topology.make(kind, K)
     hlo = jax.jit(combine.combine, out_shardings=self.split).lower(
         self._params(), topo).compile().as_text()
-    ops = _collectives(hlo)
+    ops = fixtures.collectives(hlo)
     self.assertNotEmpty(ops["collective-permute"], kind)
     self.assertEmpty(ops["all-gather"], kind)
 
@@ -176,9 +163,9 @@ class CollectivesTest(parameterized.TestCase):
     params = self._params()
     state = backends.place(alg.init(params, topo), "shard", K)
     hlo = jax.jit(alg.step).lower(params, params, state, topo).compile().as_text()
-    ops = _collectives(hlo)
+    ops = fixtures.collectives(hlo)
     self.assertNotEmpty(ops["collective-permute"])
-    big = [s for s in ops["all-gather"] if _elements(s) >= 40 * 25]
+    big = [s for s in ops["all-gather"] if fixtures.elements(s) >= 40 * 25]
     self.assertEmpty(big, f"{name} on the {kind} all-gathers parameter-sized arrays: {big}")
 
   @parameterized.parameters("ring", "torus")
@@ -192,8 +179,8 @@ class CollectivesTest(parameterized.TestCase):
       alg = algorithms.make(name, optax.sgd(0.1))
       state = backends.place(alg.init(params, topo), "shard", K)
       hlo = jax.jit(alg.step).lower(params, params, state, topo).compile().as_text()
-      permutes[name] = sorted(s for s in _collectives(hlo)["collective-permute"]
-                              if _elements(s) >= 25)
+      permutes[name] = sorted(s for s in fixtures.collectives(hlo)["collective-permute"]
+                              if fixtures.elements(s) >= 25)
     self.assertNotEmpty(permutes["atc"])
     self.assertEqual(permutes["drt"], permutes["atc"])
 
