@@ -2,7 +2,8 @@
 
 Convention (pinned by ``topology_test.py``): ``A[l, k] = a_lk`` is the weight agent k gives to
 agent l, ``a_lk = 0`` unless l is in k's neighbourhood N_k (which contains k), and **every column
-sums to one**. Combining is ``x_k <- sum_l a_lk x_l``.
+sums to one** (except with the sender-split rule ``push``, below). Combining is
+``x_k <- sum_l a_lk x_l``.
 
 A :class:`Topology` is data, not code: a padded neighbour list ``nbr_idx[T, K, D]``,
 ``nbr_w[T, K, D]`` holding the matrices of one period of T steps (T = 1 for a static graph). Row
@@ -12,28 +13,50 @@ it as an argument: new weights or a time-varying schedule never recompile (only 
 
 Graphs (``make(kind, K)``):
 
-============================ ========== ===================================================
-kind                         directed   neighbours of agent k
-============================ ========== ===================================================
-``ring``                     no         k - 1, k + 1 (mod K)
-``torus``                    no         4 neighbours on a ``rows x cols`` grid with wrap-around
-``grid``                     no         up to 4 neighbours on a ``rows x cols`` grid
-``full``                     no         everyone
-``star``                     no         hub 0 talks to everyone, leaves only to the hub
-``erdos_renyi``              no         each pair independently with probability ``p``
-``exponential``              yes        k listens to k - 2^i (mod K), i = 0 .. floor(log2(K-1))
-``one_peer_exponential``     yes        at step t: only k - 2^(t mod tau), tau = ceil(log2 K)
-``random_matching``          no         at step t: its partner in a seeded random matching
-============================ ========== ===================================================
+=============================== ======== ========================================================
+kind                            directed neighbours of agent k
+=============================== ======== ========================================================
+``ring``                        no       k - 1, k + 1 (mod K)
+``torus``                       no       4 neighbours on a ``rows x cols`` grid with wrap-around
+``grid``                        no       up to 4 neighbours on a ``rows x cols`` grid
+``full``                        no       everyone
+``star``                        no       hub 0 talks to everyone, leaves only to the hub
+``erdos_renyi``                 no       each pair independently with probability ``p``
+``exponential``                 yes      k listens to k - 2^i (mod K), i = 0 .. floor(log2(K-1))
+``one_peer_exponential``        yes      at step t: only k - 2^(t mod tau), tau = ceil(log2 K)
+``random_matching``             no       at step t: its partner in a seeded random matching
+``directed_erdos_renyi``        yes      each ordered pair l -> k independently with probability
+                                         ``p``; strongly connected
+``directed_exponential_random`` yes      at step t: those l = k - 2^i with (t + s_l) mod tau = i,
+                                         s_l a seeded phase per agent
+=============================== ======== ========================================================
 
-The last two are time-varying (Ying et al. 2021, arXiv 2110.13363, for the exponential graphs):
-single steps are disconnected, so connectivity is checked over the union of one period.
+``one_peer_exponential``, ``random_matching`` and ``directed_exponential_random`` are
+time-varying (Ying et al. 2021, arXiv 2110.13363, for the exponential graphs): single steps are
+disconnected, so connectivity is checked over the union of one period. In
+``directed_exponential_random`` (derived by this project) every agent l sends to one exponential
+out-neighbour per step, l + 2^((t + s_l) mod tau), from a seeded random phase s_l: over a period
+it uses each of its exponential links once, so the union is the ``exponential`` graph, while at a
+single step the agents' in-degrees differ.
 
 Weight rules: ``metropolis`` (default): a_lk = 1 / (1 + max(d_k, d_l)) for neighbours, the rest on
 the diagonal; symmetric (hence doubly stochastic) on undirected graphs. On directed graphs d is the
 in-degree: the columns still sum to one, and on the regular directed graphs above it coincides with
 ``uniform``. ``uniform``: a_lk = 1 / (1 + d_k) for every l in N_k (symmetric only on regular
-graphs).
+graphs). ``push``: a_lk = a_ll = 1 / (1 + d_l^out) for every link l -> k: each sender splits its
+mass equally over itself and its out-neighbours.
+
+Push-sum weights. The matrix keeps its orientation, ``A[l, k] = a_lk`` is what k takes from l, but
+with ``push`` every *row* l sums to one (a sender's split, :attr:`Topology.row_stochastic`), and
+a receiver's incoming weights need not sum to one. Combining then keeps the network's total
+``sum_k x_k`` but not consensus, so these weights are for push-sum
+(:mod:`drt_jax.algorithms.push_sum`), which mixes a weight y with the values and de-biases by it;
+the column-stochastic algorithms refuse them. ``one_peer_exponential`` is the time-varying
+directed exponential graph of stochastic gradient push (SGP; Assran, Loizou, Ballas & Rabbat
+2019, arXiv 1811.10792): with ``push`` weights it is SGP's push-sum graph (being regular, its push
+weights happen to be doubly stochastic). On ``directed_erdos_renyi`` and
+``directed_exponential_random`` they are row- but not column-stochastic. ``lazy`` keeps rows and
+columns summing to one; ``self_weight`` keeps columns only and is refused where they do not.
 
 Scale: :func:`make` never builds a K x K matrix. Graphs are edge lists made with vectorised numpy,
 the weights, checks and neighbour lists take O(K D) work, and connectivity is a breadth-first
@@ -54,7 +77,7 @@ import numpy as np
 
 from drt_jax.types import Mixing, Shifts
 
-WEIGHT_RULES = ("metropolis", "uniform")
+WEIGHT_RULES = ("metropolis", "uniform", "push")
 _ATOL = 1e-6
 # slem() of a graph that is not circulant: dense eigenvalues up to this K (the values of earlier
 # versions), ARPACK on a static matrix up to _SLEM_SPARSE_MAX, NaN beyond (where it would cost
@@ -108,7 +131,8 @@ class Topology:
                   jnp.asarray(t, jnp.int32) if self.shifts and self.period > 1 else None)
 
   def dense(self, step: int = 0) -> np.ndarray:
-    """The dense ``[K, K]`` matrix at ``step`` with ``A[l, k] = a_lk`` (columns sum to one)."""
+    """The dense ``[K, K]`` matrix at ``step`` with ``A[l, k] = a_lk`` (columns sum to one; rows
+    instead with ``push`` weights)."""
     return to_dense(np.asarray(self.nbr_idx)[step % self.period],
                      np.asarray(self.nbr_w)[step % self.period])
 
@@ -130,9 +154,7 @@ class Topology:
     """``[T, K]``: the weights agent l's copy receives in total, ``sum_k a_lk`` -- the share of
     its mass a sender passes on (one for the sender-split rule ``push``)."""
     idx, w = np.asarray(self.nbr_idx), np.asarray(self.nbr_w, np.float64)
-    k_count = self.num_agents
-    return np.stack([np.bincount(idx[t].reshape(-1), weights=w[t].reshape(-1),
-                                 minlength=k_count) for t in range(self.period)])
+    return np.stack([_row_sums(idx[t], w[t]) for t in range(self.period)])
 
   @property
   def column_stochastic(self) -> bool:
@@ -207,10 +229,16 @@ class Topology:
 
     Columns still sum to one; on a regular graph with symmetric weights (ring, torus) the matrix
     stays symmetric. An agent without neighbours at a step keeps weight one. Used for baselines
-    with matched mixing (the same self-weight as another method's run).
+    with matched mixing (the same self-weight as another method's run). Refused where the
+    columns do not sum to one (``push`` weights on an irregular graph): rescaling a receiver's
+    weights would break the senders' split.
     """
     if not 0.0 < s < 1.0:
       raise ValueError(f"self_weight={s} is outside (0, 1); pick the share each agent keeps")
+    if not self.column_stochastic:
+      raise ValueError(f"self_weight={s} needs weights whose columns sum to one, and the "
+                       f"{self.kind} topology's do not (push weights?); use lazy(alpha), which "
+                       "keeps the rows' sums, instead")
     w = np.asarray(self.nbr_w, np.float64).copy()
     old = w[..., 0]
     has_nbrs = old < 1.0 - 1e-9
@@ -272,6 +300,12 @@ def _links(a: np.ndarray):
   return l, k, a[l, k], np.diag(a).copy()
 
 
+def _row_sums(idx: np.ndarray, w: np.ndarray) -> np.ndarray:
+  """One step's row sums ``sum_k a_lk`` ``[K]`` from its lists, without the dense A."""
+  return np.bincount(np.asarray(idx).reshape(-1), weights=np.asarray(w, np.float64).reshape(-1),
+                     minlength=idx.shape[0])
+
+
 def _entries(idx: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """One step's off-diagonal nonzeros ``A[l, k]`` as sorted codes ``k * K + l`` and values.
 
@@ -313,28 +347,45 @@ def _symmetric_list(idx: np.ndarray, w: np.ndarray) -> bool:
   return bool(np.all(close) and np.all(np.abs(a[alone]) <= _ATOL))
 
 
-def check_matrix(a: np.ndarray, num_agents: int | None = None, name: str = "A") -> None:
-  """Raises ValueError unless ``a`` is a square, non-negative, column-stochastic matrix."""
+STOCHASTIC = ("columns", "rows")
+
+
+def _check_stochastic_option(stochastic) -> None:
+  if stochastic not in STOCHASTIC:
+    raise ValueError(f"stochastic={stochastic!r} is not one of: {', '.join(STOCHASTIC)} (which "
+                     "sums of A[l, k] = a_lk must be one)")
+
+
+def check_matrix(a: np.ndarray, num_agents: int | None = None, name: str = "A", *,
+                 stochastic: str = "columns") -> None:
+  """Raises ValueError unless ``a`` is a square, non-negative matrix whose columns (or, with
+  ``stochastic="rows"``, rows: push-sum weights) sum to one."""
+  _check_stochastic_option(stochastic)
   a = np.asarray(a)
   if a.ndim != 2 or a.shape[0] != a.shape[1]:
     raise ValueError(f"{name} has shape {a.shape}; expected a square [K, K] matrix")
   if num_agents is not None and a.shape[0] != num_agents:
     raise ValueError(f"{name} is for K={a.shape[0]} agents but the run has K={num_agents}; "
                      "build the topology with the run's number of agents")
-  _check_columns(a, a.sum(axis=0), name)
+  _check_sums(a, a.sum(axis=0 if stochastic == "columns" else 1), name, stochastic)
 
 
-def _check_columns(a: np.ndarray, sums: np.ndarray, name: str) -> None:
+def _check_sums(a: np.ndarray, sums: np.ndarray, name: str, stochastic: str = "columns") -> None:
   """The checks of :func:`check_matrix` on the weights ``a`` (a matrix or one step's lists)
-  and its per-agent column sums."""
+  and its per-agent column (or row) sums."""
   if not np.all(np.isfinite(a)):
     raise ValueError(f"{name} has non-finite entries; every weight must be a finite number >= 0")
   if np.any(a < -_ATOL):
     raise ValueError(f"{name} has negative weights (min {a.min():.3g}); weights must be >= 0")
   bad = np.flatnonzero(np.abs(sums - 1.0) > _ATOL)
-  if bad.size:
+  if not bad.size:
+    return
+  if stochastic == "columns":
     raise ValueError(f"{name}: column {bad[0]} sums to {sums[bad[0]]:.6g}, not 1; columns of "
-                     "A[l, k] = a_lk must sum to one (transpose a row-stochastic matrix)")
+                     "A[l, k] = a_lk must sum to one (transpose a row-stochastic matrix, or pass "
+                     "stochastic='rows' for push-sum weights)")
+  raise ValueError(f"{name}: row {bad[0]} sums to {sums[bad[0]]:.6g}, not 1; with "
+                   "stochastic='rows' every sender's weights a_lk (row l) must sum to one")
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,19 +468,23 @@ def check_connected(mats: np.ndarray, what: str) -> None:
     raise _disconnected(what)
 
 
-def from_matrices(mats, *, kind: str = "custom", check_connectivity: bool = True) -> Topology:
+def from_matrices(mats, *, kind: str = "custom", check_connectivity: bool = True,
+                  stochastic: str = "columns") -> Topology:
   """Builds a Topology from a dense ``[K, K]`` matrix or a ``[T, K, K]`` schedule.
 
-  Every matrix is checked: non-negative, columns summing to one, and the union over the schedule
+  Every matrix is checked: non-negative, columns summing to one (rows with
+  ``stochastic="rows"``: push-sum weights, each sender's split), and the union over the schedule
   connected (unless ``check_connectivity=False``, e.g. for the ``local`` baseline).
   """
+  _check_stochastic_option(stochastic)
   mats = np.asarray(mats, np.float64)
   if mats.ndim == 2:
     mats = mats[None]
   if mats.ndim != 3:
     raise ValueError(f"combination matrices have shape {mats.shape}; expected [K, K] or [T, K, K]")
   for t, a in enumerate(mats):
-    check_matrix(a, name=f"{kind} matrix at step {t}" if len(mats) > 1 else f"{kind} matrix")
+    check_matrix(a, name=f"{kind} matrix at step {t}" if len(mats) > 1 else f"{kind} matrix",
+                 stochastic=stochastic)
   idx, w = _padded(mats.shape[-1], [_links(a) for a in mats])
   directed = not all(np.array_equal(a != 0, (a != 0).T) for a in mats)
   if check_connectivity and not _lists_connected(idx, w, both_ways=not directed):
@@ -659,11 +714,16 @@ def _star(num_agents):
 _ER_DENSE_DRAW_MAX = 2048
 
 
-def _erdos_renyi(num_agents, seed=0, p=None):
+def _edge_probability(kind: str, num_agents: int, p):
   if p is None:
-    p = min(1.0, 2.0 * math.log(max(num_agents, 2)) / num_agents)
+    return min(1.0, 2.0 * math.log(max(num_agents, 2)) / num_agents)
   if not 0.0 < p <= 1.0:
-    raise ValueError(f"erdos_renyi p={p} is outside (0, 1]; pass an edge probability in (0, 1]")
+    raise ValueError(f"{kind} p={p} is outside (0, 1]; pass an edge probability in (0, 1]")
+  return p
+
+
+def _erdos_renyi(num_agents, seed=0, p=None):
+  p = _edge_probability("erdos_renyi", num_agents, p)
   rng = np.random.default_rng(seed)
   if num_agents <= _ER_DENSE_DRAW_MAX:
     a, b = np.nonzero(np.triu(rng.random((num_agents, num_agents)) < p, 1))
@@ -676,24 +736,43 @@ def _erdos_renyi(num_agents, seed=0, p=None):
   return [(l, k)]
 
 
-def _bernoulli_pairs(rng: np.random.Generator, num_agents: int, p: float):
-  """Each pair a < b independently with probability p, in O(edges): the gaps between chosen
-  pairs (numbered row by row over the upper triangle) are geometric (Batagelj & Brandes 2005)."""
-  pairs = num_agents * (num_agents - 1) // 2
+def _bernoulli_codes(rng: np.random.Generator, n: int, p: float) -> np.ndarray:
+  """The numbers in ``[0, n)``, each chosen independently with probability p, in O(chosen): the
+  gaps between chosen numbers are geometric (Batagelj & Brandes 2005)."""
   chosen, last = [], -1
   while True:
-    left = pairs - 1 - last
+    left = n - 1 - last
     gaps = rng.geometric(p, size=int(p * left + 6 * math.sqrt(p * left) + 64))
     at = last + np.cumsum(gaps)
-    chosen.append(at[at < pairs])
-    if at[-1] >= pairs:
+    chosen.append(at[at < n])
+    if at[-1] >= n:
       break
     last = int(at[-1])
-  code = np.concatenate(chosen)
+  return np.concatenate(chosen)
+
+
+def _bernoulli_pairs(rng: np.random.Generator, num_agents: int, p: float):
+  """Each pair a < b independently with probability p, in O(edges) (:func:`_bernoulli_codes`
+  over the pairs numbered row by row over the upper triangle)."""
+  code = _bernoulli_codes(rng, num_agents * (num_agents - 1) // 2, p)
   rows = np.arange(num_agents - 1, dtype=np.int64)
   first = rows * (2 * num_agents - rows - 1) // 2  # number of the pair (a, a + 1)
   a = np.searchsorted(first, code, side="right") - 1
   return a, code - first[a] + a + 1
+
+
+def _directed_erdos_renyi(num_agents, seed=0, p=None):
+  p = _edge_probability("directed_erdos_renyi", num_agents, p)
+  if num_agents == 1:
+    return [_links_of(1, [], [])]
+  # Ordered pairs numbered sender by sender: l's (K - 1) receivers are the others in order.
+  code = _bernoulli_codes(np.random.default_rng(seed), num_agents * (num_agents - 1), p)
+  l, j = np.divmod(code, num_agents - 1)
+  l, k = _links_of(num_agents, l, j + (j >= l))
+  if not _strongly_connected_links(num_agents, l, k):
+    raise ValueError(f"directed_erdos_renyi draw with K={num_agents}, p={p:.3g}, seed={seed} is "
+                     "not strongly connected; raise p or try another seed")
+  return [(l, k)]
 
 
 def _exponential_hops(num_agents: int) -> list[int]:
@@ -712,6 +791,14 @@ def _one_peer_exponential(num_agents):
   k = np.arange(num_agents)
   hops = _exponential_hops(num_agents) or [0]
   return [_links_of(num_agents, (k - hop) % num_agents, k) for hop in hops]
+
+
+def _directed_exponential_random(num_agents, seed=0):
+  hops = np.asarray(_exponential_hops(num_agents) or [0])
+  phase = np.random.default_rng(seed).integers(0, hops.size, num_agents)
+  l = np.arange(num_agents)
+  return [_links_of(num_agents, l, (l + hops[(t + phase) % hops.size]) % num_agents)
+          for t in range(hops.size)]
 
 
 def _random_matching(num_agents, seed=0, period=16):
@@ -736,16 +823,22 @@ _GRAPHS = {
     "exponential": _exponential,
     "one_peer_exponential": _one_peer_exponential,
     "random_matching": _random_matching,
+    "directed_erdos_renyi": _directed_erdos_renyi,
+    "directed_exponential_random": _directed_exponential_random,
 }
 KINDS = tuple(_GRAPHS)
 
 
 def _weights(num_agents: int, l: np.ndarray, k: np.ndarray, rule: str):
-  """Column-stochastic weights on the links ``l -> k`` (sorted by (k, l)): ``(l, k, a_lk, a_kk)``.
+  """Weights on the links ``l -> k`` (sorted by (k, l)): ``(l, k, a_lk, a_kk)``.
 
-  The self-weight is one minus the column's sum, accumulated in ascending l as a dense column
-  sum would be, so the weights are those of the dense construction bit for bit.
+  Column-stochastic rules: the self-weight is one minus the column's sum, accumulated in
+  ascending l as a dense column sum would be, so the weights are those of the dense construction
+  bit for bit. ``push``: every sender's 1 / (1 + out-degree), on its links and on itself.
   """
+  if rule == "push":
+    split = 1.0 / (1.0 + np.bincount(l, minlength=num_agents).astype(np.float64))
+    return l, k, split[l], split
   deg = np.bincount(k, minlength=num_agents).astype(np.float64)  # in-degree: how many k hears
   if rule == "metropolis":
     a = 1.0 / (1.0 + np.maximum(deg[k], deg[l]))
@@ -773,11 +866,14 @@ def make(kind: str, num_agents: int, *, weights: str = "metropolis", seed: int =
   Args:
     kind: one of :data:`KINDS` (see the module docstring).
     num_agents: K >= 1.
-    weights: ``"metropolis"`` (default) or ``"uniform"``.
-    seed: seeds random graphs (``erdos_renyi``, ``random_matching``).
-    **kw: graph options: ``rows``/``cols`` (torus, grid), ``p`` (erdos_renyi), ``period``
-      (random_matching), ``lazy`` (a self-weight share alpha: ``alpha I + (1 - alpha) A``),
-      ``self_weight`` (every agent's self-weight set to s, see :meth:`Topology.with_self_weight`).
+    weights: ``"metropolis"`` (default), ``"uniform"`` (columns sum to one) or ``"push"`` (rows
+      sum to one: push-sum weights, see the module docstring).
+    seed: seeds random graphs (``erdos_renyi``, ``random_matching``, ``directed_erdos_renyi``,
+      ``directed_exponential_random``).
+    **kw: graph options: ``rows``/``cols`` (torus, grid), ``p`` (erdos_renyi,
+      directed_erdos_renyi), ``period`` (random_matching), ``lazy`` (a self-weight share alpha:
+      ``alpha I + (1 - alpha) A``), ``self_weight`` (every agent's self-weight set to s, see
+      :meth:`Topology.with_self_weight`).
 
   Example::
 
@@ -804,9 +900,11 @@ def make(kind: str, num_agents: int, *, weights: str = "metropolis", seed: int =
   k_count = int(num_agents)
   schedule = builder(k_count, **kw)
   idx, w = _padded(k_count, [_weights(k_count, l, k, weights) for l, k in schedule])
+  stochastic = "rows" if weights == "push" else "columns"
   for t in range(len(schedule)):
-    _check_columns(w[t], w[t].sum(axis=-1),
-                   f"{kind} matrix at step {t}" if len(schedule) > 1 else f"{kind} matrix")
+    sums = _row_sums(idx[t], w[t]) if weights == "push" else w[t].sum(axis=-1)
+    _check_sums(w[t], sums, f"{kind} matrix at step {t}" if len(schedule) > 1 else
+                f"{kind} matrix", stochastic)
   w = w.astype(np.float32)
   circulant = _circulant(idx, w) if k_count > 1 and idx.shape[-1] > 1 else None
   directed = not all(_symmetric_links(k_count, l, k) for l, k in schedule)

@@ -13,8 +13,22 @@ from drt_jax import combine, topology
 
 _SIZES = (1, 2, 5, 8, 16)
 _UNDIRECTED = ("ring", "torus", "grid", "full", "star", "erdos_renyi", "random_matching")
-_DIRECTED = ("exponential", "one_peer_exponential")
+_DIRECTED = ("exponential", "one_peer_exponential", "directed_erdos_renyi",
+             "directed_exponential_random")
 _TIME_VARYING = ("one_peer_exponential", "random_matching")
+
+
+def _make(kind, k_count, **kw):
+  """``topology.make`` with the first seed whose random draw is strongly connected: a
+  directed_erdos_renyi draw at its default p can be disconnected (K = 8 with seed 0), and the
+  tests over every kind want a graph (the refusal of a disconnected draw is tested on its own)."""
+  for seed in range(4):
+    try:
+      return topology.make(kind, k_count, seed=seed, **kw)
+    except ValueError as e:
+      if "not strongly connected" not in str(e) or seed == 3:
+        raise
+  raise AssertionError("unreachable")
 
 
 def _kind_size_cases():
@@ -69,14 +83,15 @@ class MatricesTest(parameterized.TestCase):
   @parameterized.named_parameters(*_kind_size_cases())
   def test_column_stochastic_on_graph_with_padded_lists(self, kind, k_count):
     for weights in topology.WEIGHT_RULES:
-      topo = topology.make(kind, k_count, weights=weights)
+      topo = _make(kind, k_count, weights=weights)
       self.assertEqual(topo.num_agents, k_count)
       self.assertEqual(topo.nbr_idx.dtype, np.int32)
       self.assertEqual(topo.nbr_w.dtype, np.float32)
       for t in range(topo.period):
         a = topo.dense(t)
         self.assertTrue(np.all(a >= 0.0), f"{kind} K={k_count} {weights}: negative weight")
-        np.testing.assert_allclose(a.sum(axis=0), 1.0, atol=1e-6)
+        # push weights: every sender's row sums to one instead of every receiver's column
+        np.testing.assert_allclose(a.sum(axis=1 if weights == "push" else 0), 1.0, atol=1e-6)
         support = _expected_support(kind, k_count, t)
         off = (a > 0) & ~np.eye(k_count, dtype=bool)
         if support is not None:
@@ -97,7 +112,7 @@ class MatricesTest(parameterized.TestCase):
 
   @parameterized.named_parameters(*_kind_size_cases())
   def test_symmetry_and_directed_flag(self, kind, k_count):
-    topo = topology.make(kind, k_count)  # metropolis
+    topo = _make(kind, k_count)  # metropolis
     expect_directed = kind in _DIRECTED and k_count > 2
     self.assertEqual(topo.directed, expect_directed)
     if kind in _UNDIRECTED:
@@ -382,7 +397,11 @@ def _assert_slem_close(test, got, want, period, msg=""):
 
 
 def _dense_weights(adj: np.ndarray, rule: str) -> np.ndarray:
-  """Metropolis / uniform weights on the dense support ``adj[l, k]``, the reference formula."""
+  """Metropolis / uniform / push weights on the dense support ``adj[l, k]``, the reference
+  formula."""
+  if rule == "push":  # each row l: 1 / (1 + out-degree) on l itself and on its out-links
+    split = 1.0 / (1.0 + adj.sum(axis=1).astype(np.float64))
+    return np.where(adj | np.eye(len(adj), dtype=bool), split[:, None], 0.0)
   deg = adj.sum(axis=0).astype(np.float64)
   if rule == "metropolis":
     a = np.where(adj, 1.0 / (1.0 + np.maximum(deg[None, :], deg[:, None])), 0.0)
@@ -425,7 +444,7 @@ class SparseEqualsDenseTest(parameterized.TestCase):
   @parameterized.product(kind=topology.KINDS, k_count=(1, 2, 3, 5, 8, 12, 16, 30),
                          weights=topology.WEIGHT_RULES)
   def test_make(self, kind, k_count, weights):
-    topo = topology.make(kind, k_count, weights=weights)
+    topo = _make(kind, k_count, weights=weights)
     msg = f"{kind} K={k_count} {weights}"
     self._assert_list_checks_match_dense(topo, msg)
     for a in topo.dense_schedule():  # the weights of the dense construction
@@ -435,12 +454,16 @@ class SparseEqualsDenseTest(parameterized.TestCase):
     self.assertEqual(topo.directed, any(not np.array_equal(a != 0, (a != 0).T)
                                         for a in topo.dense_schedule()), msg)
     # Through the dense matrices: the same lists, order, structure and flags.
-    again = topology.from_matrices(topo.dense_schedule(), kind=kind)
+    stochastic = "rows" if weights == "push" else "columns"
+    again = topology.from_matrices(topo.dense_schedule(), kind=kind, stochastic=stochastic)
     np.testing.assert_array_equal(again.nbr_idx, topo.nbr_idx, err_msg=msg)
     np.testing.assert_array_equal(again.nbr_w, topo.nbr_w, err_msg=msg)
     self.assertEqual(again.shifts, topo.shifts, msg)
     self.assertEqual(again.directed, topo.directed, msg)
-    for variant in (topo.lazy(0.3), topo.with_self_weight(0.6)):
+    variants = [topo.lazy(0.3)]
+    if topo.column_stochastic:  # push weights on an irregular graph refuse it (PushWeightsTest)
+      variants.append(topo.with_self_weight(0.6))
+    for variant in variants:
       self._assert_list_checks_match_dense(variant, f"{msg} {variant.kind}")
 
   @parameterized.named_parameters(*_custom_matrices())
@@ -594,6 +617,169 @@ class ScaleTest(parameterized.TestCase):
     self.assertLess(abs(mean_degree - expected), 0.05 * expected)
     self.assertTrue(topo.symmetric)
     self.assertFalse(topo.directed)
+
+
+class PushWeightsTest(parameterized.TestCase):
+  """weights='push': every sender splits its mass equally over itself and its out-neighbours."""
+
+  def _assert_one_line_error(self, fn, *fragments):
+    with self.assertRaises(ValueError) as ctx:
+      fn()
+    message = str(ctx.exception)
+    self.assertNotIn("\n", message)
+    for fragment in fragments:
+      self.assertIn(fragment, message)
+
+  def test_rows_sum_to_one_columns_need_not(self):
+    topo = topology.make("star", 5, weights="push")
+    a = topo.dense()
+    np.testing.assert_allclose(a[0], 0.2, atol=1e-7)  # the hub sends to 4 leaves and itself
+    np.testing.assert_allclose(a[1:, 0], 0.5, atol=1e-7)  # each leaf: to the hub and itself
+    np.testing.assert_allclose(np.diag(a), [0.2, 0.5, 0.5, 0.5, 0.5], atol=1e-7)
+    np.testing.assert_allclose(a.sum(axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(a.sum(axis=0), [2.2, 0.7, 0.7, 0.7, 0.7], atol=1e-6)
+    np.testing.assert_allclose(topo.row_sums(), a.sum(axis=1)[None], atol=1e-7)
+    np.testing.assert_allclose(topo.column_sums(), a.sum(axis=0)[None], atol=1e-7)
+    self.assertTrue(topo.row_stochastic)
+    self.assertFalse(topo.column_stochastic)
+    self.assertFalse(topo.doubly_stochastic)
+
+  def test_directed_graph_push_weights_follow_out_degrees(self):
+    topo = _make("directed_erdos_renyi", 12, weights="push")
+    a = topo.dense()
+    off = (a > 0) & ~np.eye(12, dtype=bool)
+    out_degree = off.sum(axis=1)
+    self.assertGreater(len(set(out_degree.tolist())), 1)  # irregular: the test means something
+    np.testing.assert_allclose(a, np.where(off | np.eye(12, dtype=bool),
+                                           1.0 / (1.0 + out_degree)[:, None], 0.0), atol=1e-7)
+    self.assertTrue(topo.row_stochastic)
+    self.assertFalse(topo.column_stochastic)
+    uniform = _make("directed_erdos_renyi", 12, weights="uniform")  # the same graph
+    np.testing.assert_array_equal(uniform.dense() > 0, a > 0)
+    self.assertTrue(uniform.column_stochastic)
+    self.assertFalse(uniform.row_stochastic)
+
+  @parameterized.parameters("ring", "torus", "exponential", "one_peer_exponential")
+  def test_regular_graphs_push_weights_are_doubly_stochastic(self, kind):
+    # On a regular graph out-degree = in-degree: push weights are the uniform weights
+    push, uniform = topology.make(kind, 16, weights="push"), topology.make(kind, 16,
+                                                                            weights="uniform")
+    np.testing.assert_array_equal(push.nbr_w, uniform.nbr_w)
+    self.assertTrue(push.doubly_stochastic)
+    self.assertEqual(push.shifts, uniform.shifts)
+
+  def test_lazy_keeps_rows_and_columns(self):
+    for topo in (_make("directed_erdos_renyi", 8, weights="push"),
+                 topology.make("directed_exponential_random", 8, weights="push"),
+                 topology.make("star", 5, weights="uniform")):
+      lazy = topo.lazy(0.3)
+      self.assertEqual(lazy.row_stochastic, topo.row_stochastic)
+      self.assertEqual(lazy.column_stochastic, topo.column_stochastic)
+      # alpha + (1 - alpha) * sum: the sums that were one stay one
+      np.testing.assert_allclose(lazy.row_sums(), 0.3 + 0.7 * topo.row_sums(), atol=1e-6)
+      np.testing.assert_allclose(lazy.column_sums(), 0.3 + 0.7 * topo.column_sums(), atol=1e-6)
+    self.assertTrue(topo.lazy(0.3).column_stochastic)  # the last: columns
+
+  def test_self_weight_is_refused_where_columns_do_not_sum_to_one(self):
+    star = topology.make("star", 5, weights="push")
+    self._assert_one_line_error(lambda: star.with_self_weight(0.5), "self_weight=0.5",
+                                "columns sum to one", "star", "lazy")
+    self._assert_one_line_error(
+        lambda: topology.make("directed_erdos_renyi", 8, seed=1, weights="push", self_weight=0.5),
+        "columns sum to one", "directed_erdos_renyi")
+    ring = topology.make("ring", 8, weights="push", self_weight=0.5)  # doubly stochastic: fine
+    np.testing.assert_allclose(np.diag(ring.dense()), 0.5, atol=1e-7)
+    self.assertTrue(ring.doubly_stochastic)
+
+  def test_from_matrices_with_rows(self):
+    a = OrientationTest.A.T  # rows sum to one, columns do not
+    topo = topology.from_matrices(a, stochastic="rows")
+    np.testing.assert_allclose(topo.dense(), a, atol=1e-7)
+    self.assertTrue(topo.row_stochastic)
+    self.assertFalse(topo.column_stochastic)
+    self.assertTrue(topo.directed)
+    schedule = topology.from_matrices(np.stack([a, np.eye(3)]), stochastic="rows")
+    self.assertEqual(schedule.period, 2)
+    self.assertTrue(schedule.row_stochastic)
+    # the column-stochastic original is refused as rows, in one line naming the row
+    self._assert_one_line_error(
+        lambda: topology.from_matrices(OrientationTest.A, stochastic="rows"), "row 0", "rows")
+    self._assert_one_line_error(lambda: topology.from_matrices(a, stochastic="both"),
+                                "stochastic='both'", "columns, rows")
+    self._assert_one_line_error(  # the default still checks columns, and names the way out
+        lambda: topology.from_matrices(a), "column 0", "stochastic='rows'")
+    blocks = np.kron(np.eye(2), np.full((2, 2), 0.5))
+    self._assert_one_line_error(lambda: topology.from_matrices(blocks, stochastic="rows"),
+                                "disconnected")
+    negative = np.array([[1.5, -0.5], [0.5, 0.5]])
+    self._assert_one_line_error(lambda: topology.from_matrices(negative, stochastic="rows"),
+                                "negative")
+
+
+class DirectedGraphsTest(parameterized.TestCase):
+  """directed_erdos_renyi and directed_exponential_random."""
+
+  def test_directed_erdos_renyi_is_seeded_and_directed(self):
+    a = topology.make("directed_erdos_renyi", 16, seed=2).dense()
+    np.testing.assert_array_equal(a, topology.make("directed_erdos_renyi", 16, seed=2).dense())
+    self.assertFalse(np.array_equal(a, topology.make("directed_erdos_renyi", 16, seed=3).dense()))
+    off = (a > 0) & ~np.eye(16, dtype=bool)
+    self.assertTrue(np.any(off & ~off.T))  # one-way links
+    self.assertTrue(np.any(off & off.T))  # and some both ways: pairs are drawn independently
+    self.assertTrue(_connected(off))
+    self.assertTrue(topology.make("directed_erdos_renyi", 16, seed=2).directed)
+    np.testing.assert_array_equal(  # p = 1: every ordered pair
+        topology.make("directed_erdos_renyi", 6, p=1.0).dense() > 0, np.ones((6, 6), bool))
+
+  def test_directed_erdos_renyi_draws_ordered_pairs_with_probability_p(self):
+    k_count, p = 3000, 0.01  # past the dense-draw size of erdos_renyi: O(edges) all the same
+    start = time.perf_counter()
+    topo = topology.make("directed_erdos_renyi", k_count, p=p, seed=5)
+    self.assertLess(time.perf_counter() - start, 20.0)
+    edges, pairs = topo.num_edges(), k_count * (k_count - 1)
+    self.assertLess(abs(edges - p * pairs), 5 * math.sqrt(p * pairs))
+    code, _ = topology._entries(topo.nbr_idx[0], topo.nbr_w[0])
+    k, l = np.divmod(code, k_count)
+    mutual = np.isin(l * k_count + k, code).sum() / 2  # pairs linked both ways: about p^2
+    self.assertLess(abs(mutual - p * p * pairs / 2), 5 * math.sqrt(p * p * pairs / 2) + 5)
+
+  def test_directed_erdos_renyi_must_be_strongly_connected(self):
+    with self.assertRaises(ValueError) as ctx:
+      topology.make("directed_erdos_renyi", 8, p=0.05)
+    self.assertNotIn("\n", str(ctx.exception))
+    self.assertIn("not strongly connected", str(ctx.exception))
+    with self.assertRaisesRegex(ValueError, "directed_erdos_renyi p=0 is outside"):
+      topology.make("directed_erdos_renyi", 8, p=0)
+    # a cycle plus one chord is strongly connected; dropping one cycle link leaves it weakly
+    # connected only, which the undirected search would accept
+    k = np.arange(6)
+    l_ok, k_ok = topology._links_of(6, np.r_[k, 0], np.r_[(k + 1) % 6, 3])
+    self.assertTrue(topology._strongly_connected_links(6, l_ok, k_ok))
+    keep = ~((l_ok == 5) & (k_ok == 0))
+    self.assertFalse(topology._strongly_connected_links(6, l_ok[keep], k_ok[keep]))
+    self.assertTrue(topology._strongly_connected_links(6, l_ok[keep], k_ok[keep],
+                                                       both_ways=True))
+
+  def test_directed_exponential_random_sends_to_one_exponential_peer(self):
+    k_count = 16
+    topo = topology.make("directed_exponential_random", k_count, weights="push", seed=4)
+    hops = [1, 2, 4, 8]
+    self.assertEqual(topo.period, len(hops))
+    mats = topo.dense_schedule()
+    eye = np.eye(k_count, dtype=bool)
+    off = (mats > 0) & ~eye[None]
+    np.testing.assert_array_equal(off.sum(axis=2), 1)  # one out-neighbour per agent and step
+    exponential = (topology.make("exponential", k_count).dense() > 0) & ~eye
+    np.testing.assert_array_equal(off.sum(axis=0), exponential)  # each link once a period
+    np.testing.assert_array_equal(mats[off], 0.5)  # a sender splits its mass in two
+    np.testing.assert_array_equal(mats[:, eye], 0.5)
+    self.assertTrue(topo.row_stochastic)
+    self.assertFalse(topo.column_stochastic)  # in-degrees differ within a step
+    self.assertGreater(off.sum(axis=1).max(), 1)
+    self.assertIsNone(topo.shifts)  # not circulant: agents' hops differ
+    self.assertFalse(np.array_equal(
+        mats, topology.make("directed_exponential_random", k_count, weights="push",
+                            seed=5).dense_schedule()))
 
 
 if __name__ == "__main__":

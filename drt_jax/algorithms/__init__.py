@@ -54,10 +54,11 @@ from drt_jax.algorithms.base import (
   local_optimizer,
 )
 from drt_jax.algorithms.diffusion import diffusion_atc, diffusion_cta, drt_diffusion, dsgd, local
+from drt_jax.algorithms.push_sum import PushSumState, push_sum
 
 __all__ = ["ALGORITHMS", "NAMES", "OPTIMIZERS", "Algorithm", "DRTState", "DiffusionState",
            "check_comm_every", "diffusion_atc", "diffusion_cta", "drt_diffusion", "dsgd",
-           "local", "local_optimizer", "make", "options", "uses_drt"]
+           "local", "local_optimizer", "make", "options", "push_sum", "PushSumState", "uses_drt"]
 
 
 def _drt_variant(variant):
@@ -79,6 +80,7 @@ ALGORITHMS = {
     "drt": _drt_variant("drt"),
     "drt_symmetric": _drt_variant("drt_symmetric"),
     "drt_normalized": _drt_variant("drt_normalized"),
+    "push_sum": push_sum,
 }
 NAMES = tuple(ALGORITHMS)
 
