@@ -7,6 +7,10 @@ the leaf's dtype if wider) and return the leaf's dtype.
 
 Per-layer combination (DRT diffusion) uses one weight array ``[K, D]`` per *layer*, a group of
 leaves named by :func:`layer_names`.
+
+Every neighbour's copy is fetched by :func:`neighbour` (or :func:`neighbours`), and that is where
+simulated Byzantine agents (``Mixing.attack``, :mod:`drt_jax.faults`) put their attack messages
+in place of their rows, so every algorithm built on these functions meets them unawares.
 """
 
 import functools
@@ -16,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from drt_jax import faults
 from drt_jax.topology import Topology
 from drt_jax.types import Mixing, PyTree
 
@@ -39,7 +44,15 @@ def neighbour(x, mixing: Mixing, j: int):
   A gather in general; for circulant graphs (``mixing.shifts``) a roll of the agent grid, which
   XLA lowers to collective-permutes when the agent axis is sharded (only boundary agents move
   between devices). Time-varying shifts pick the step's roll with ``lax.switch``.
+
+  With simulated Byzantine agents (``mixing.attack``, :mod:`drt_jax.faults`) a copy fetched from
+  a Byzantine sender is its attack message; slot 0, the agent's own copy, is always its own.
   """
+  return _fetch(faults.message(x, mixing.attack) if j else x, mixing, j)
+
+
+def _fetch(x, mixing: Mixing, j: int):
+  """``x[nbr_idx[:, j]]`` of rows as sent (by gather, or by roll for circulant graphs)."""
   shifts = mixing.shifts
   if shifts is None:
     return jnp.take(x, mixing.nbr_idx[:, j], axis=0)
@@ -65,7 +78,8 @@ def neighbours(stacked_tree: PyTree, mixing: Mixing) -> list[list[jax.Array]]:
   mesh each copy is a collective, which XLA does not merge when it is written twice.
   """
   width = mixing.nbr_idx.shape[1]
-  return [[neighbour(x, mixing, j) for j in range(1, width)] for x in jax.tree.leaves(stacked_tree)]
+  sent = [faults.message(x, mixing.attack) for x in jax.tree.leaves(stacked_tree)]
+  return [[_fetch(y, mixing, j) for j in range(1, width)] for y in sent]
 
 
 def _combine_leaf(x, mixing: Mixing, nbr_w, nbrs=None):
@@ -74,8 +88,9 @@ def _combine_leaf(x, mixing: Mixing, nbr_w, nbrs=None):
   dtype = _acc_dtype(x)
   expand = (slice(None),) + (None,) * (x.ndim - 1)
   out = nbr_w[:, 0].astype(dtype)[expand] * x.astype(dtype)  # slot 0 is the agent itself
+  sent = faults.message(x, mixing.attack) if nbrs is None else None
   for j in range(1, nbr_w.shape[1]):
-    y = neighbour(x, mixing, j) if nbrs is None else nbrs[j - 1]
+    y = _fetch(sent, mixing, j) if nbrs is None else nbrs[j - 1]
     out = out + nbr_w[:, j].astype(dtype)[expand] * y
   return out.astype(x.dtype)
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import ml_collections
 import optax
 
-from drt_jax import algorithms, backends, data, datasets, drt, models, partition, topology
+from drt_jax import algorithms, backends, data, datasets, drt, faults, models, partition, topology
 
 OPTIMIZERS = algorithms.OPTIMIZERS
 PRECISIONS = ("float32", "bfloat16")
@@ -34,7 +34,8 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # seeds initialisation, partition, sampling and random graphs (split by purpose)
   c.num_agents = 16  # K
-  # Graph: one of topology.KINDS; weights 'metropolis' or 'uniform'; options such as rows/cols/p.
+  # Graph: one of topology.KINDS; weights 'metropolis', 'uniform' or 'push' (senders split their
+  # mass, for push_sum); options such as rows/cols/p.
   c.topology = "ring"
   c.topology_weights = "metropolis"
   c.topology_options = ml_collections.ConfigDict()
@@ -240,6 +241,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     p = c.faults[field]
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
       _fail(f"faults.{field}", p, "a probability in [0, 1]")
+  for field in ("byzantine", "attack", "attack_scale"):  # each on its own, named by its field
+    spec = faults.Spec(byzantine=1 if c.num_agents > 1 else 0)._replace(**{field: c.faults[field]})
+    _by_factory(f"faults.{field}", c.faults[field], faults.check_spec, spec, c.num_agents)
   if not (_real(c.learning_rate) and c.learning_rate > 0):
     _fail("learning_rate", c.learning_rate, "a finite number > 0")
   if not (_real(c.momentum) and 0.0 <= c.momentum < 1.0):

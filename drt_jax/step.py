@@ -10,7 +10,9 @@ One train step, jitted once with the state donated:
   5. per-agent finiteness of the new parameters and statistics, a ``[K]`` bool in the metrics.
 
 With a fault spec (:mod:`drt_jax.faults`) a seeded fault pattern masks the step's combination
-weights and local steps; without one the program holds no fault code at all.
+weights and local steps, and Byzantine agents' messages replace their copies where neighbours
+fetch them; without one the program holds no fault code at all. With Byzantine agents the
+evaluation's centroid, output disagreement and consensus distances are over the honest agents.
 
 What shapes a program is said explicitly: a :class:`StepSpec` (agents, batch, back-end, faults,
 ...), the model and the algorithm. The topology, the data and the train state are arguments, so
@@ -222,15 +224,25 @@ def _train_step_fn(spec: StepSpec, model: models.Model, alg, lift, placed, state
   return train_step
 
 
+def _honest_only(spec: StepSpec):
+  """``tree -> tree`` keeping the honest agents' rows of every leaf; the identity (no code) when
+  no agent is Byzantine."""
+  honest = faults_lib.honest_agents(spec.faults, spec.num_agents)
+  if honest is None:
+    return lambda tree: tree
+  return lambda tree: jax.tree.map(lambda x: x[honest], tree)
+
+
 def _evaluate_fn(spec: StepSpec, model: models.Model, lift, placed):
   def agent_logits(params, model_state, x):
     return model.apply({"params": params, **model_state}, x, False)[0]
 
   lifted_logits = lift(agent_logits, shared=(2,))
+  honest = _honest_only(spec)
 
   def evaluate(params, model_state, ev: EvalSet, mean, std):
-    mean_params = metrics_lib.centroid(params)
-    mean_state = metrics_lib.centroid(model_state)
+    mean_params = metrics_lib.centroid(honest(params))
+    mean_state = metrics_lib.centroid(honest(model_state))
 
     def body(carry, batch):
       x, y, mask = batch
@@ -244,7 +256,7 @@ def _evaluate_fn(spec: StepSpec, model: models.Model, lift, placed):
           "correct": jnp.sum(jnp.where(mask[None], correct, False), axis=1),
           "loss": jnp.sum(jnp.where(mask[None], loss, 0.0), axis=1),
           "centroid_correct": jnp.sum(jnp.where(mask, jnp.argmax(c_logits, -1) == y, False)),
-          "disagreement": metrics_lib.output_disagreement(probs, mask),
+          "disagreement": metrics_lib.output_disagreement(honest(probs), mask),
       }
       return jax.tree.map(jnp.add, carry, sums), None
 
@@ -258,15 +270,16 @@ def _evaluate_fn(spec: StepSpec, model: models.Model, lift, placed):
 
 def _param_metrics_fn(spec: StepSpec, alg):
   alg_metrics = getattr(alg, "metrics", None)
+  honest = _honest_only(spec)
 
   def param_metrics(params, model_state, alg_state, topology):
     names = combine_lib.layer_names(params, "module")
-    total, per_layer = metrics_lib.consensus_distance(params, names)
+    total, per_layer = metrics_lib.consensus_distance(honest(params), names)
     out = {"consensus_distance": total,
            **{f"consensus/{p}": v for p, v in per_layer.items()}}
     if jax.tree.leaves(model_state):
       stats_names = combine_lib.layer_names(model_state, "module")
-      out["stats_consensus_distance"] = metrics_lib.consensus_distance(model_state,
+      out["stats_consensus_distance"] = metrics_lib.consensus_distance(honest(model_state),
                                                                        stats_names)[0]
     if spec.num_agents > 1 and alg_metrics is not None:  # the algorithm's own diagnostics
       out.update(alg_metrics(params, alg_state, topology))
@@ -283,7 +296,8 @@ def build_programs(spec: StepSpec, model: models.Model, alg) -> Programs:
                      "one or set combine_batch_stats=False")
   if spec.faults is not None and "active" not in inspect.signature(alg.step).parameters:
     raise ValueError("simulated faults need an algorithm whose step takes active=...; give its "
-                     "step that argument or set every config.faults probability to 0")
+                     "step that argument or set every config.faults probability and "
+                     "faults.byzantine to 0")
   lift = functools.partial(backends.per_agent, backend=spec.backend, num_agents=spec.num_agents,
                            chunk_size=spec.chunk_size)
   # Which leaves are split with their agents depends on the state's shapes alone, not on the

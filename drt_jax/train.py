@@ -214,6 +214,10 @@ class _Evaluator:
 
   def __init__(self, c, run: _Run, resumed: _Resumed):
     self.c, self.run = c, run
+    self.faults = faults.spec_from_config(c)
+    # Accuracies are averaged over the honest agents: a Byzantine agent's own model says nothing.
+    honest = faults.honest_agents(self.faults, c.num_agents)
+    self.honest = slice(None) if honest is None else honest
     self.sizes = {k: int(np.sum(np.asarray(v.mask))) for k, v in run.eval_sets.items()}
     self.mean_count = float(np.mean([len(p) for p in run.prepared.parts]))
     self.buf = workdir_lib.buffer_from_json(resumed.host.get("metrics", {}))
@@ -224,7 +228,8 @@ class _Evaluator:
   def add(self, m: dict) -> None:
     for k in _HOST_METRICS:
       if k in m:
-        self.buf.setdefault(k, []).append(np.asarray(m[k]))
+        v = np.asarray(m[k])
+        self.buf.setdefault(k, []).append(v[self.honest] if v.ndim else v)  # [K]: honest ones
 
   def restart_clock(self, step: int) -> None:
     """Times from ``step`` on (after the compiling first step)."""
@@ -234,7 +239,7 @@ class _Evaluator:
     return float(np.mean(self.buf[name])) if self.buf.get(name) else None
 
   def row(self, state: step_lib.TrainState, step: int) -> dict:
-    c, run, n = self.c, self.run, self.sizes
+    c, run, n, h = self.c, self.run, self.sizes, self.honest
     sums = {name: backends.to_host(run.programs.evaluate(state.params, state.model_state, ev,
                                                          run.dev.mean, run.dev.std))
             for name, ev in run.eval_sets.items()}
@@ -249,21 +254,21 @@ class _Evaluator:
         "epoch": step * c.batch_size / self.mean_count,
         "train_loss": self._mean("loss"),
         "train_batch_acc": self._mean("acc"),
-        "test_acc_mean": float(np.mean(test_acc)),
-        "test_acc_min": float(np.min(test_acc)),
-        "test_acc_max": float(np.max(test_acc)),
-        "test_acc_per_agent": [round(float(a), 6) for a in test_acc],
-        "test_loss_mean": float(np.mean(test["loss"]) / n["test"]),
+        "test_acc_mean": float(np.mean(test_acc[h])),
+        "test_acc_min": float(np.min(test_acc[h])),
+        "test_acc_max": float(np.max(test_acc[h])),
+        "test_acc_per_agent": [round(float(a), 6) for a in test_acc],  # Byzantine ones too
+        "test_loss_mean": float(np.mean(test["loss"][h]) / n["test"]),
         "centroid_test_acc": float(test["centroid_correct"] / n["test"]),
-        "train_acc_mean": float(np.mean(train_acc)),
-        "gen_gap": float(np.mean(train_acc) - np.mean(test_acc)),
+        "train_acc_mean": float(np.mean(train_acc[h])),
+        "gen_gap": float(np.mean(train_acc[h]) - np.mean(test_acc[h])),
         "output_disagreement": float(test["disagreement"] / n["test"]),
-        **({"val_acc_mean": float(np.mean(sums["val"]["correct"]) / n["val"]),
-            "val_loss_mean": float(np.mean(sums["val"]["loss"]) / n["val"]),
+        **({"val_acc_mean": float(np.mean(sums["val"]["correct"][h]) / n["val"]),
+            "val_loss_mean": float(np.mean(sums["val"]["loss"][h]) / n["val"]),
             "centroid_val_acc": float(sums["val"]["centroid_correct"] / n["val"])}
            if "val" in sums else {}),
-        **({k: self._mean(k) for k in ("dropped_agents", "failed_links", "stragglers")}
-           if faults.spec_from_config(c) is not None else {}),
+        **({**{k: self._mean(k) for k in ("dropped_agents", "failed_links", "stragglers")},
+            "byzantine": self.faults.byzantine} if self.faults is not None else {}),
         "bytes_per_agent_step": run.bytes_sent,
         "steps_per_sec": (step - timed_from) / max(now - since, 1e-9) if step > timed_from
                          else None,

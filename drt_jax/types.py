@@ -36,6 +36,22 @@ class Shifts(NamedTuple):
 jax.tree_util.register_pytree_node(Shifts, lambda s: ((), tuple(s)), lambda aux, _: Shifts(*aux))
 
 
+class Attack(NamedTuple):
+  """What the Byzantine agents send at one step instead of their own copies (see
+  :mod:`drt_jax.faults`): :func:`drt_jax.combine.neighbour` replaces their rows of every leaf by
+  the attack message before the exchange. ``kind`` and ``scale`` are compile-time data."""
+
+  byzantine: Array  # bool[K]: the Byzantine agents
+  key: Array  # the step's typed PRNG key (random attacks)
+  kind: str = "sign_flip"  # one of drt_jax.faults.ATTACKS
+  scale: float = 10.0
+
+
+jax.tree_util.register_pytree_node(
+    Attack, lambda a: ((a.byzantine, a.key), (a.kind, a.scale)),
+    lambda aux, children: Attack(*children, *aux))
+
+
 class Mixing(NamedTuple):
   """One step's combination weights as a padded neighbour list (device arrays).
 
@@ -44,10 +60,12 @@ class Mixing(NamedTuple):
   weight 0, so gathers never go out of range. For circulant graphs ``shifts`` describes the
   same lists as grid offsets (and ``t`` is the step within the period), so that neighbours are
   fetched by rolls rather than gathers; code that changes the weights keeps them with
-  ``mixing._replace(nbr_w=...)``.
+  ``mixing._replace(nbr_w=...)``. ``attack`` (simulated Byzantine agents, None without) changes
+  what the neighbours receive, not the weights.
   """
 
   nbr_idx: Array  # int32[K, D]
   nbr_w: Array  # float32[K, D]
   shifts: Shifts | None = None
   t: Array | None = None  # int32 scalar: the step within the period (time-varying shifts)
+  attack: Attack | None = None

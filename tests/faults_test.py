@@ -1,5 +1,7 @@
-"""Fault injection: masked combination matrices, faults inside the train step, a faulty run."""
+"""Fault injection: masked combination matrices, faults inside the train step, a faulty run,
+Byzantine agents' messages and honest-only metrics."""
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +9,20 @@ import numpy as np
 from absl.testing import absltest, parameterized
 from fixtures import TINY, tiny_data
 
-from drt_jax import algorithms, build, config, data, drt, faults, inputs, topology, train
+from drt_jax import (
+  algorithms,
+  build,
+  config,
+  data,
+  drt,
+  faults,
+  inputs,
+  metrics,
+  topology,
+  train,
+)
 from drt_jax import combine as combine_lib
+from drt_jax import step as step_lib
 from drt_jax.types import Mixing
 
 GRAPHS = (("ring", "ring", 8, {}), ("torus", "torus", 9, {}), ("full", "full", 5, {}),
@@ -216,6 +230,155 @@ class FaultyRunTest(absltest.TestCase):
     self.assertEqual(last["stragglers"], 0.0)
     self.assertIsNone(history[0]["dropped_agents"])  # no step before the first evaluation
 
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _received(x, key, step, mixing, spec_fields):
+  """Every slot's copies of ``x`` as the agents receive them, and the combine, at ``step``."""
+  m = faults.sample(key, step, mixing, faults.Spec(*spec_fields)).mixing
+  copies = [combine_lib.neighbour(x, m, j) for j in range(m.nbr_idx.shape[1])]
+  return copies, combine_lib.combine(x, m)
+
+
+
+class ByzantineMessagesTest(parameterized.TestCase):
+
+  K, SCALE = 8, 3.0
+
+  def _copies(self, attack, step=0, seed=4, byzantine=2):
+    topo = topology.make("exponential", self.K)  # directed, 3 neighbour slots, rolls
+    spec = faults.Spec(byzantine=byzantine, attack=attack, attack_scale=self.SCALE, seed=seed)
+    x = np.random.default_rng(0).standard_normal((self.K, 50, 4)).astype(np.float32)
+    copies, mixed = jax.device_get(_received(jnp.asarray(x), faults.stream_key(seed), step,
+                                             topo.mixing(), tuple(spec)))
+    return topo, spec, x, copies, mixed
+
+  @parameterized.parameters(*faults.ATTACKS)
+  def test_the_attack_replaces_exactly_the_byzantine_senders_copies(self, attack):
+    topo, spec, x, copies, mixed = self._copies(attack)
+    byz = faults.byzantine_agents(spec, self.K)
+    self.assertEqual(int(byz.sum()), 2)
+    h = x[~byz].astype(np.float64)
+    want = {"sign_flip": -self.SCALE * x, "scale": self.SCALE * x,
+            "alie": np.broadcast_to(h.mean(0) - self.SCALE * h.std(0), x.shape)}.get(attack)
+    idx, w = topo.nbr_idx[0], topo.nbr_w[0]
+    sent = {}
+    for k in range(self.K):
+      np.testing.assert_array_equal(copies[0][k], x[k])  # an agent's own copy is its own
+      for j in range(1, idx.shape[1]):
+        l = idx[k, j]
+        if not byz[l]:
+          np.testing.assert_array_equal(copies[j][k], x[l])
+          continue
+        if want is not None:
+          np.testing.assert_allclose(copies[j][k], want[l], rtol=1e-5, atol=1e-5)
+        self.assertFalse(np.allclose(copies[j][k], x[l]))
+        if l in sent:  # every out-neighbour receives the same message
+          np.testing.assert_array_equal(copies[j][k], sent[l])
+        sent[l] = copies[j][k]
+    self.assertEqual(set(sent), set(np.flatnonzero(byz)))  # every Byzantine agent is heard
+    # The combine uses the received copies, and each agent's own (Byzantine or not) in slot 0.
+    expect = sum(w[:, j, None, None] * copies[j] for j in range(idx.shape[1]))
+    np.testing.assert_allclose(mixed, expect, rtol=1e-5, atol=1e-5)
+    if attack == "gaussian":
+      noise = np.stack(list(sent.values()))
+      self.assertLess(abs(noise.mean()), 0.5)
+      self.assertBetween(noise.std(), 0.85 * self.SCALE, 1.15 * self.SCALE)
+      again = self._copies(attack)[3]
+      later = self._copies(attack, step=1)[3]
+      for j in range(1, idx.shape[1]):
+        np.testing.assert_array_equal(again[j], copies[j])  # a pure function of the step
+      self.assertFalse(np.allclose(later[1], copies[1]))  # new noise at the next step
+
+  def test_the_byzantine_set_is_seeded_and_fixed_over_steps(self):
+    topo = topology.make("ring", 10)
+    spec = faults.Spec(byzantine=3, seed=5)
+    draw = jax.jit(jax.vmap(lambda step: faults.sample(faults.stream_key(5), step, topo.mixing(),
+                                                       spec).mixing.attack.byzantine))
+    masks = np.asarray(draw(jnp.arange(6)))
+    want = faults.byzantine_agents(spec, 10)
+    self.assertEqual(int(want.sum()), 3)
+    for mask in masks:
+      np.testing.assert_array_equal(mask, want)
+    np.testing.assert_array_equal(faults.byzantine_agents(faults.Spec(byzantine=3, seed=5), 10),
+                                  want)
+    others = {tuple(faults.byzantine_agents(spec._replace(seed=s), 10)) for s in range(6)}
+    self.assertGreater(len(others), 1)  # the seed picks the set
+    np.testing.assert_array_equal(faults.honest_agents(spec, 10), np.flatnonzero(~want))
+    self.assertIsNone(faults.honest_agents(faults.Spec(link_failure=0.5), 10))
+    self.assertIsNone(faults.honest_agents(None, 10))
+
+  def test_without_byzantine_agents_nothing_changes(self):
+    def spec(**f):
+      return faults.spec_from_config(config.resolve({**TINY, "faults": f}))
+
+    self.assertIsNone(spec(attack="alie", attack_scale=3.0))
+    self.assertEqual(spec(link_failure=0.1, attack="gaussian", attack_scale=2.0),
+                     spec(link_failure=0.1))  # the same StepSpec, hence the same program
+    self.assertEqual(spec(byzantine=1, attack="alie"),
+                     faults.Spec(byzantine=1, attack="alie", attack_scale=10.0))
+    ring = topology.make("ring", 6)
+    f = faults.sample(faults.stream_key(0), 0, ring.mixing(), faults.Spec(link_failure=0.2))
+    self.assertIsNone(f.mixing.attack)
+    x = jnp.arange(12.0).reshape(6, 2)
+    clean = jax.make_jaxpr(combine_lib.combine)(x, ring.mixing())
+    self.assertEqual(str(jax.make_jaxpr(combine_lib.combine)(x, ring.mixing()._replace(
+        attack=None))), str(clean))
+
+  @parameterized.parameters(
+      ({"byzantine": 4}, "faults.byzantine=4 must be an integer in \\[0, 4\\)"),
+      ({"byzantine": -1}, "faults.byzantine=-1"), ({"byzantine": True}, "faults.byzantine=True"),
+      ({"byzantine": 1.0}, "faults.byzantine=1.0"),
+      ({"byzantine": 1, "attack": "krum"}, "unknown faults.attack 'krum'; expected one of: "
+       "sign_flip, scale, gaussian, alie"),
+      ({"byzantine": 1, "attack_scale": float("nan")}, "faults.attack_scale=nan must be a finite"),
+      ({"byzantine": 1, "attack_scale": "10"}, "faults.attack_scale='10'"))
+  def test_check_spec_names_the_field(self, fields, message):
+    with self.assertRaisesRegex(ValueError, f"^{message}[^\\n]*$"):
+      faults.check_spec(faults.Spec(**fields), 4)
+    faults.check_spec(faults.Spec(byzantine=3, attack="alie", attack_scale=-1), 4)
+
+
+class HonestMetricsTest(absltest.TestCase):
+
+  def test_a_run_with_a_byzantine_agent_reports_over_the_honest_agents(self):
+    raw = {**TINY, "num_steps": 4, "eval_every": 2, "faults": {"byzantine": 1, "seed": 2}}
+    d = tiny_data()
+    history = train.train_and_evaluate(raw, data=d, verbose=False)
+    c = config.resolve(raw)
+    honest = faults.honest_agents(faults.spec_from_config(c), 4)
+    self.assertLen(honest, 3)
+    self.assertEqual([r["step"] for r in history], [0, 2, 4])
+    for row in history:
+      self.assertEqual(row["byzantine"], 1)
+      acc = np.asarray(row["test_acc_per_agent"])
+      self.assertLen(acc, 4)  # every agent listed, the Byzantine one too
+      self.assertAlmostEqual(row["test_acc_mean"], acc[honest].mean(), delta=1e-6)
+      self.assertAlmostEqual(row["test_acc_min"], acc[honest].min(), delta=1e-6)
+      self.assertAlmostEqual(row["test_acc_max"], acc[honest].max(), delta=1e-6)
+      self.assertTrue(np.isfinite(row["consensus_distance"]))
+    self.assertIsNone(history[0]["dropped_agents"])
+    self.assertEqual(history[-1]["dropped_agents"], 0.0)
+
+    # The run's own (cached) programs: honest agents that agree measure zero, whatever the
+    # Byzantine agent's model is.
+    objs = build.objects(c, d)
+    progs = step_lib.programs_for(build.step_spec(c), objs.model, objs.algorithm,
+                                  model_key=objs.model_key, algorithm_key=objs.algorithm_key)
+    state = build.init_state(c, objs.model, objs.algorithm, objs.topology)  # shared init
+    byz = np.flatnonzero(~np.isin(np.arange(4), honest))
+    params = jax.tree.map(lambda x: x.at[byz].add(jax.random.normal(jax.random.key(0),
+                                                                    x[:1].shape)), state.params)
+    dev = inputs.device_data(d, data.partition_iid(len(d.train_labels), 4))
+    ev = inputs.eval_set(d.test_images, d.test_labels, 64, 32, 0)
+    sums, pm = jax.device_get((progs.evaluate(params, state.model_state, ev, dev.mean, dev.std),
+                               progs.param_metrics(params, state.model_state, state.alg_state,
+                                                   objs.topology)))
+    names = combine_lib.layer_names(params)
+    self.assertGreater(float(metrics.consensus_distance(params, names)[0]), 0.1)  # all agents
+    self.assertLess(float(pm["consensus_distance"]), 1e-10)
+    self.assertLess(float(sums["disagreement"]), 1e-10)
+    self.assertNotEqual(float(sums["correct"][byz[0]]), float(sums["correct"][honest[0]]))
+    self.assertEqual(float(sums["centroid_correct"]), float(sums["correct"][honest[0]]))
 
 if __name__ == "__main__":
   absltest.main()

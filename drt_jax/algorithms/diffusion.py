@@ -1,5 +1,11 @@
 """The diffusion family: ATC, CTA, DSGD, local training and DRT diffusion (see
-:mod:`drt_jax.algorithms` for the recursions)."""
+:mod:`drt_jax.algorithms` for the recursions).
+
+ATC, CTA and DSGD take ``aggregation`` (with ``clip_radius`` and ``trim``): the combine step
+``sum_l c_lk x_l`` is then one of the robust rules of :mod:`drt_jax.robust` (clipped gossip,
+coordinate-wise trimmed mean or median over the neighbourhood), for the parameters and for the
+statistics of ``combine_stats`` alike. The default, ``mean``, is the weighted combine.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -7,20 +13,27 @@ import optax
 
 from drt_jax import combine as combine_lib
 from drt_jax import drt as drt_lib
+from drt_jax import robust
 from drt_jax.algorithms import base
 
 
-def _diffusion(kind: str, opt: optax.GradientTransformation, comm_every: int) -> base.Algorithm:
+def _diffusion(kind: str, opt: optax.GradientTransformation, comm_every: int,
+               aggregation: str = "mean", clip_radius: float = 1.0,
+               trim: int = 1) -> base.Algorithm:
   base.check_comm_every(comm_every)
+  aggregate = robust.aggregator(aggregation, clip_radius=clip_radius, trim=trim)
 
   def init(params, topology=None):
-    del topology  # only DRT's state depends on the graph's shape
+    if kind != "local":  # every combining agent's weights must sum to one
+      base.require_weights(topology, "columns", kind)
+    if aggregation == "trimmed_mean":
+      robust.check_neighbourhoods(topology, trim, kind)
     return base.DiffusionState(jax.vmap(opt.init)(params), jnp.zeros((), jnp.int32))
 
   def mix(tree, state, topology):
     m = combine_lib.as_mixing(topology, state.count)
     return base.maybe(base.communicates(state.count, comm_every), comm_every,
-                  lambda: combine_lib.combine(tree, m), lambda: tree)
+                      lambda: aggregate(tree, m), lambda: tree)
 
   def grad_point(params, state, topology):
     return mix(params, state, topology)
@@ -57,19 +70,34 @@ def _diffusion(kind: str, opt: optax.GradientTransformation, comm_every: int) ->
                         metrics, base.every(comm_every))
 
 
-def diffusion_atc(local_optimizer: optax.GradientTransformation, *, comm_every: int = 1):
-  """Adapt-then-combine diffusion: a local step, then ``w_k <- sum_l c_lk psi_l``."""
-  return _diffusion("atc", local_optimizer, comm_every)
+def diffusion_atc(local_optimizer: optax.GradientTransformation, *, comm_every: int = 1,
+                  aggregation: str = "mean", clip_radius: float = 1.0, trim: int = 1):
+  """Adapt-then-combine diffusion: a local step, then ``w_k <- sum_l c_lk psi_l``.
+
+  Args:
+    local_optimizer: optax transformation applied per agent.
+    comm_every: combine every H-th step.
+    aggregation: the combine rule, one of :data:`drt_jax.robust.AGGREGATIONS`: ``mean`` (the
+      weighted combine above), ``clipped``, ``trimmed_mean`` or ``median``.
+    clip_radius: tau of ``clipped`` gossip, a finite number > 0.
+    trim: b of ``trimmed_mean``, an integer >= 0; every neighbourhood of the topology needs more
+      than 2b members (refused at ``init``).
+  """
+  return _diffusion("atc", local_optimizer, comm_every, aggregation, clip_radius, trim)
 
 
-def diffusion_cta(local_optimizer: optax.GradientTransformation, *, comm_every: int = 1):
-  """Combine-then-adapt diffusion; gradients are taken at the combined point (``grad_point``)."""
-  return _diffusion("cta", local_optimizer, comm_every)
+def diffusion_cta(local_optimizer: optax.GradientTransformation, *, comm_every: int = 1,
+                  aggregation: str = "mean", clip_radius: float = 1.0, trim: int = 1):
+  """Combine-then-adapt diffusion; gradients are taken at the combined point (``grad_point``).
+  Options as :func:`diffusion_atc`'s."""
+  return _diffusion("cta", local_optimizer, comm_every, aggregation, clip_radius, trim)
 
 
-def dsgd(local_optimizer: optax.GradientTransformation, *, comm_every: int = 1):
-  """Decentralized SGD: ``w_k <- sum_l c_lk w_l + update(g_k(w_k))``."""
-  return _diffusion("dsgd", local_optimizer, comm_every)
+def dsgd(local_optimizer: optax.GradientTransformation, *, comm_every: int = 1,
+         aggregation: str = "mean", clip_radius: float = 1.0, trim: int = 1):
+  """Decentralized SGD: ``w_k <- sum_l c_lk w_l + update(g_k(w_k))``. Options as
+  :func:`diffusion_atc`'s."""
+  return _diffusion("dsgd", local_optimizer, comm_every, aggregation, clip_radius, trim)
 
 
 def local(local_optimizer: optax.GradientTransformation, *, comm_every: int = 1):
@@ -120,6 +148,7 @@ def drt_diffusion(local_optimizer: optax.GradientTransformation, *, variant: str
   base.check_comm_every(comm_every)
 
   def init(params, topology=None):
+    base.require_weights(topology, "columns", variant)
     names = combine_lib.layer_names(params, granularity)
     k_count = jax.tree.leaves(params)[0].shape[0]
     width = 1 if topology is None else combine_lib.as_mixing(topology).nbr_idx.shape[1]
