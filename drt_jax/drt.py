@@ -31,6 +31,67 @@ Variants:
 
 Every per-layer matrix is non-negative, supported on the graph, has columns summing to one and
 self-weights >= delta (``drt``, ``drt_symmetric``; ``drt_normalized`` keeps max(c_kk, delta)).
+
+DRT inside gradient tracking and exact diffusion
+------------------------------------------------
+:mod:`drt_jax.algorithms.tracking` combines with A_i^(p) = [a_lk^(p)] at step i inside gradient
+tracking (Nedić, Olshevsky & Shi 2017, arXiv 1607.03218; Pu & Nedić 2021, arXiv 1805.11454) and
+exact diffusion (Yuan, Ying, Zhao & Sayed 2019, arXiv 1702.05122). Those methods, and the
+properties of their plain forms quoted below, are the papers'; what follows about per-layer,
+state-dependent matrices is this project's derivation (checked by ``tests/tracking_test.py`` on
+least squares, not proven in general).
+
+*Why the symmetric variant.* Both methods rest on a conserved network sum, so each combine must
+keep sums: sum_k a_lk^(p) = 1 for every sender l (rows), besides the columns. In ``drt`` beta_lk
+divides by the neighbour's norm ||psi_l||^2, so a_lk != a_kl and the rows do not sum to one;
+``drt_normalized`` normalises each column on its own, no better. In ``drt_symmetric`` d, beta and
+gamma^(p) are symmetric in (k, l), so with symmetric base weights (c_lk = c_kl) the raw weights
+are too; the floor scales the edge {k, l} by min(f_k, f_l), the same both ways, and the
+self-weight 1 - sum_l a_lk closes each column. A symmetric matrix with unit columns has unit rows:
+every per-layer matrix is doubly stochastic. The base weights must be symmetric (a Topology's
+``symmetric``), which the algorithms require at ``init``.
+
+*Gradient tracking* (DSGT form): z_i = v_{i-1} + g_i - g_{i-1}, psi_i = x_i + update(z_i), then
+A_i^(p) from psi_i, x_{i+1}^(p) = sum_l a_lk^(p) psi_l^(p) and v_i^(p) = sum_l a_lk^(p) z_l^(p).
+Invariant: by induction from v_{-1} = g_{-1} = 0, sum_k v_i = sum_k z_i = sum_k g_i, layer by
+layer, for any sequence of doubly stochastic matrices. Fixed point: with the matrices at a limit
+A*^(p) (self-weights >= delta > 0 and, for rho > 0, positive weights on the edges of a connected
+graph, or of a connected union over a time-varying graph's period), z = A* z forces z = 1 zbar,
+zbar the average gradient; every agent then takes the same
+steady update u(zbar), and summing x = A*(x + 1 u(zbar)) over agents gives u(zbar) = 0, so zbar =
+0 for SGD, momentum or Adam: consensus at a zero of the average gradient, the global minimiser
+of a convex sum. The ATC form (combine the tracker before the local step) would need this
+step's weights before psi exists: it could only use the last step's weights, on the last step's
+neighbour lists. Built and measured first, that choice diverged on ``random_matching`` in three
+of four settings where the DSGT form converges (float64 least squares, K = 8, SGD 0.1); plain
+ATC tracking also diverges on the ring once the self-weights fall to 0.1, and DRT's floor allows
+0.05. With the per-layer weights forced to the base weights the DSGT form is exactly
+``gradient_tracking(form="dsgt")``.
+
+*Exact diffusion*: Abar_i^(p) = (I + A_i^(p)) / 2 with A_i^(p) computed on phi_{i+1}, the vector
+combined. Invariant: sum_k x_i = sum_k psi_i for every layer and step (true at i = 0, and
+sum x_{i+1} = sum phi_{i+1} = sum psi_{i+1} + sum x_i - sum psi_i), which needs only unit rows of
+each Abar_i: the correction x_i - psi_i stays summable to zero with any sequence of doubly
+stochastic matrices, so the network average moves exactly by the average local update. Fixed
+points: phi* = x* and x* = Abar* x* give consensus (primitive Abar*), and the invariant gives
+sum_k update_k(x*) = 0: the global minimiser for SGD (and momentum). Conversely every such
+consensus point, with psi* = x* + update(x*), is fixed under *any* doubly stochastic matrix:
+time-varying graphs and per-layer weights do not move the fixed points. What does not carry
+over is the convergence proof, which uses one fixed Abar (its eigenvectors, and a dual variable
+in the range of I - Abar). Near a fixed point the weights' own variation drops out of the
+linearisation: a perturbation dA of a column-stochastic matrix has zero column sums, so
+dA x* = 0 on a consensus x*; the linearisation is exact diffusion with the frozen matrices
+Abar*^(p), symmetric with spectrum in [delta, 1] and eigenvalue one only on consensus, layer by
+layer. We expect the static analysis to give local linear convergence for small step sizes; we
+have not checked it line by line for layer-wise matrices, and convergence from afar is only
+observed (tests: ring; also converged on ``random_matching`` in every setting measured). The
+same linearisation holds for gradient tracking (z* and psi* are at consensus there).
+
+*Spectra.* A symmetric column-stochastic matrix with self-weights >= delta has its spectrum in
+[2 delta - 1, 1] (Gershgorin). Exact diffusion's Abar maps that to [delta, 1]; gradient tracking
+combines with A^(p) itself, so with a small floor its matrices can come close to a swap (an
+eigenvalue near -1). floor >= 1/2 keeps every per-layer matrix positive semidefinite, a safe
+choice for ``drt_gradient_tracking`` at large step sizes.
 """
 
 import jax

@@ -24,21 +24,48 @@ Only ``init`` and ``step`` are required: the trainer takes any object with those
 own NamedTuple, say) and treats a missing ``grad_point``, ``metrics`` or ``message_bytes`` as
 "gradients at the parameters", "no diagnostics" and "the parameters every step".
 
-Recursions (``-mu g`` stands for one step of the local optimizer, ``c_lk`` the topology's weights,
-columns summing to one; see :mod:`drt_jax.types`):
+Recursions (``-mu g`` stands for one step of the local optimizer, ``c_lk`` the topology's weights;
+see :mod:`drt_jax.types`). What each needs of the weights is checked by its ``init`` in one line
+(:func:`drt_jax.algorithms.base.require_weights`):
 
-=================== ==========================================================================
-``atc``             psi_k = w_k - mu g_k(w_k);            w_k <- sum_l c_lk psi_l
-``cta``             phi_k = sum_l c_lk w_l;               w_k <- phi_k - mu g_k(phi_k)
-``dsgd``            w_k <- sum_l c_lk w_l - mu g_k(w_k)   (Lian et al. 2017, arXiv 1705.09056)
-``local``           w_k <- w_k - mu g_k(w_k)              (no communication)
-``drt*``            psi_k as in ATC; w_k^(p) <- sum_l a_lk^(p) psi_l^(p) with per-layer,
-                    per-step weights from :mod:`drt_jax.drt`
-=================== ==========================================================================
+========================= ====================================================================
+``atc``                   psi_k = w_k - mu g_k(w_k);            w_k <- sum_l c_lk psi_l
+``cta``                   phi_k = sum_l c_lk w_l;               w_k <- phi_k - mu g_k(phi_k)
+``dsgd``                  w_k <- sum_l c_lk w_l - mu g_k(w_k)   (Lian et al. 2017, arXiv
+                          1705.09056)
+``local``                 w_k <- w_k - mu g_k(w_k)              (no communication)
+``drt*``                  psi_k as in ATC; w_k^(p) <- sum_l a_lk^(p) psi_l^(p) with per-layer,
+                          per-step weights from :mod:`drt_jax.drt`
+``gradient_tracking``     v_k <- sum_l c_lk (v_l + g_l(w_l) - g_l^prev); psi_k = w_k - mu v_k;
+                          w_k <- sum_l c_lk psi_l (ATC form of DIGing / NEXT; Nedic, Olshevsky &
+                          Shi 2017, arXiv 1607.03218); ``form='dsgt'``: the local step follows
+                          the uncombined v_prev + g - g_prev, then one combine of both (Pu &
+                          Nedic 2018, arXiv 1805.11454); doubly stochastic weights
+``exact_diffusion``       psi_k = w_k - mu g_k(w_k); phi_k = psi_k + w_k - psi_k^prev;
+                          w_k <- sum_l cbar_lk phi_l, Cbar = (I + C) / 2 (Yuan, Ying, Zhao &
+                          Sayed 2019, arXiv 1702.05122); symmetric weights
+``drt_gradient_tracking`` gradient tracking (DSGT form) whose two combines use this step's
+                          per-layer symmetric DRT weights A_i^(p) (derived: see :mod:`drt_jax.drt`)
+``drt_exact_diffusion``   exact diffusion with (I + A_i^(p)) / 2, A_i^(p) the symmetric DRT
+                          weights computed on phi (derived: see :mod:`drt_jax.drt`)
+``choco``                 x_half_k = w_k - mu g_k; q_k = Q(x_half_k - xhat_k); xhat_k += q_k;
+                          w_k <- x_half_k + gamma sum_l c_lk (xhat_l - xhat_k) (CHOCO-SGD,
+                          Koloskova, Stich & Jaggi 2019, arXiv 1902.00340); compressors of
+                          :mod:`drt_jax.compression`; doubly stochastic weights
+``push_sum``              z_k = x_k / y_k; x_k <- sum_l a_lk (x_l - mu g_l(z_l)),
+                          y_k <- sum_l a_lk y_l (stochastic gradient push, Assran et al. 2019,
+                          arXiv 1811.10792); weights whose rows sum to one (``weights='push'``)
+========================= ====================================================================
 
-With ``comm_every=H`` agents combine only on steps 0, H, 2H, ... and take local steps in between.
-A time-varying topology is indexed by the step count kept in the state, so the compiled step
-never changes.
+The consensus-averaging algorithms (``atc``, ``cta``, ``dsgd``, ``drt``, ``drt_symmetric``,
+``drt_normalized``) need every agent's
+weights to sum to one (columns of C); ATC, CTA and DSGD also take a robust ``aggregation``
+(clipped gossip, trimmed mean, median: :mod:`drt_jax.robust`) against Byzantine neighbours
+(:mod:`drt_jax.faults`).
+
+With ``comm_every=H`` (where an algorithm takes it) agents combine only on steps 0, H, 2H, ...
+and take local steps in between. A time-varying topology is indexed by the step count kept in the
+state, so the compiled step never changes.
 """
 
 import inspect
@@ -55,10 +82,17 @@ from drt_jax.algorithms.base import (
 )
 from drt_jax.algorithms.diffusion import diffusion_atc, diffusion_cta, drt_diffusion, dsgd, local
 from drt_jax.algorithms.push_sum import PushSumState, push_sum
+from drt_jax.algorithms.tracking import (
+  drt_exact_diffusion,
+  drt_gradient_tracking,
+  exact_diffusion,
+  gradient_tracking,
+)
 
 __all__ = ["ALGORITHMS", "NAMES", "OPTIMIZERS", "Algorithm", "DRTState", "DiffusionState",
            "check_comm_every", "diffusion_atc", "diffusion_cta", "drt_diffusion", "dsgd",
-           "local", "local_optimizer", "make", "options", "push_sum", "PushSumState", "uses_drt"]
+           "local", "local_optimizer", "make", "options", "push_sum", "PushSumState", "uses_drt",
+           "gradient_tracking", "exact_diffusion", "drt_gradient_tracking", "drt_exact_diffusion"]
 
 
 def _drt_variant(variant):
@@ -80,6 +114,10 @@ ALGORITHMS = {
     "drt": _drt_variant("drt"),
     "drt_symmetric": _drt_variant("drt_symmetric"),
     "drt_normalized": _drt_variant("drt_normalized"),
+    "gradient_tracking": gradient_tracking,
+    "exact_diffusion": exact_diffusion,
+    "drt_gradient_tracking": drt_gradient_tracking,
+    "drt_exact_diffusion": drt_exact_diffusion,
     "push_sum": push_sum,
 }
 NAMES = tuple(ALGORITHMS)

@@ -154,3 +154,25 @@ def require_weights(topology, need: str, algorithm: str) -> None:
   if not ok:
     raise ValueError(f"{algorithm} needs {what}; the {topology.kind} topology's weights are not "
                      f"{prop.replace('_', ' ')}: pass a topology that is")
+
+
+def stats_weights(stats_names, layer_w: dict, fallback):
+  """The weights of each statistics leaf: its BatchNorm layer's, else ``fallback``.
+
+  A statistics leaf ``batch_stats/Block_0/BatchNorm_0/mean`` belongs to module
+  ``batch_stats/Block_0/BatchNorm_0``; leading collection names are dropped until the module
+  matches a parameter layer (``Block_0/BatchNorm_0``, or its leaves with leaf granularity).
+  """
+  out = []
+  for name in stats_names:
+    parts = name.split("/")
+    match = None
+    for i in range(len(parts)):
+      module = "/".join(parts[i:])
+      match = layer_w.get(module)
+      if match is None:
+        match = next((w for p, w in layer_w.items() if p.startswith(module + "/")), None)
+      if match is not None:
+        break
+    out.append(fallback if match is None else match)
+  return out

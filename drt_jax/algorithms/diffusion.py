@@ -105,28 +105,6 @@ def local(local_optimizer: optax.GradientTransformation, *, comm_every: int = 1)
   return _diffusion("local", local_optimizer, comm_every)
 
 
-def _stats_weights(stats_names, layer_w: dict, fallback):
-  """The weights of each statistics leaf: its BatchNorm layer's, else ``fallback``.
-
-  A statistics leaf ``batch_stats/Block_0/BatchNorm_0/mean`` belongs to module
-  ``batch_stats/Block_0/BatchNorm_0``; leading collection names are dropped until the module
-  matches a parameter layer (``Block_0/BatchNorm_0``, or its leaves with leaf granularity).
-  """
-  out = []
-  for name in stats_names:
-    parts = name.split("/")
-    match = None
-    for i in range(len(parts)):
-      module = "/".join(parts[i:])
-      match = layer_w.get(module)
-      if match is None:
-        match = next((w for p, w in layer_w.items() if p.startswith(module + "/")), None)
-      if match is not None:
-        break
-    out.append(fallback if match is None else match)
-  return out
-
-
 def drt_diffusion(local_optimizer: optax.GradientTransformation, *, variant: str = "drt",
                   strength: float = 1.0, floor: float = 0.05, eps: float = 1e-6,
                   granularity: str = "module", reference: str = "init",
@@ -189,7 +167,7 @@ def drt_diffusion(local_optimizer: optax.GradientTransformation, *, variant: str
     m = combine_lib.as_mixing(topology, prev)
     names = combine_lib.layer_names(stats, "module")
     eye = jnp.zeros_like(m.nbr_w).at[:, 0].set(1.0)
-    per_leaf = _stats_weights(names, state.layer_w, eye)
+    per_leaf = base.stats_weights(names, state.layer_w, eye)
     leaves, treedef = jax.tree.flatten(stats)
 
     def mix():
