@@ -10,7 +10,8 @@ This module simulates the second kind, so that an algorithm's robustness can be 
 
 =================== ==========================================================================
 ``agent_dropout``   agent k is down for the step: it neither trains nor communicates (its
-                    parameters, statistics and optimizer state stay as they were); the weight its
+                    parameters, statistics and whole algorithm state -- optimizer state, CHOCO's
+                    public copy, a tracker -- stay as they were); the weight its
                     neighbours gave it moves onto their own self-weight, and its own column of
                     the combination matrix becomes the identity.
 ``link_failure``    an undirected edge {k, l} fails for the step, both directions together; the
@@ -295,6 +296,19 @@ def select(mask, new, old):
   """Per agent, ``new`` where ``mask[k]`` else ``old``, for every leaf of stacked trees."""
 
   def one(n, o):
+    return jnp.where(mask.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+
+  return jax.tree.map(one, new, old)
+
+
+def select_stacked(mask, new, old):
+  """:func:`select` on the leaves that carry the agent axis (leading size K = ``len(mask)``);
+  the others (step counts, shared scalars of an algorithm's state) are ``new``'s."""
+  k_count = mask.shape[0]
+
+  def one(n, o):
+    if n.ndim == 0 or n.shape[0] != k_count:
+      return n
     return jnp.where(mask.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
 
   return jax.tree.map(one, new, old)

@@ -216,6 +216,9 @@ def _train_step_fn(spec: StepSpec, model: models.Model, alg, lift, placed, state
     if f is not None:  # a dropped agent's column is the identity; this makes it exact
       params = faults_lib.select(f.alive, params, state.params)
       model_state = faults_lib.select(f.alive, model_state, state.model_state)
+      # and its whole state stays as it was: what it would have sent (CHOCO's public copy, a
+      # tracker) must not move while nobody hears it
+      alg_state = faults_lib.select_stacked(f.alive, alg_state, state.alg_state)
     new = TrainState(params, model_state, alg_state, state.step + 1, state.key)
     return placed(new, state_sh), placed({"loss": loss, "acc": acc,
                                           "finite": agents_finite((params, model_state)),

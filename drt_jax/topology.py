@@ -50,7 +50,7 @@ Push-sum weights. The matrix keeps its orientation, ``A[l, k] = a_lk`` is what k
 with ``push`` every *row* l sums to one (a sender's split, :attr:`Topology.row_stochastic`), and
 a receiver's incoming weights need not sum to one. Combining then keeps the network's total
 ``sum_k x_k`` but not consensus, so these weights are for push-sum
-(:mod:`drt_jax.algorithms.push_sum`), which mixes a weight y with the values and de-biases by it;
+(:mod:`drt_jax.algorithms.push`), which mixes a weight y with the values and de-biases by it;
 the column-stochastic algorithms refuse them. ``one_peer_exponential`` is the time-varying
 directed exponential graph of stochastic gradient push (SGP; Assran, Loizou, Ballas & Rabbat
 2019, arXiv 1811.10792): with ``push`` weights it is SGP's push-sum graph (being regular, its push

@@ -154,6 +154,10 @@ def _agent(tree, k):
   return [np.asarray(x[k]) for x in jax.tree.leaves(tree)]
 
 
+def _per_agent(tree, k_count):
+  return [x for x in jax.tree.leaves(tree) if x.ndim and x.shape[0] == k_count]
+
+
 def _same(a, b):
   return all(np.array_equal(x, y) for x, y in zip(a, b))
 
@@ -161,16 +165,17 @@ def _same(a, b):
 class FaultyStepTest(parameterized.TestCase):
 
   @parameterized.parameters(*algorithms.NAMES)
-  def test_a_dropped_agent_keeps_its_params_and_optimizer_state(self, name):
+  def test_a_dropped_agent_keeps_its_params_and_whole_state(self, name):
     c = {**TINY, "num_agents": 8, "algorithm": name, "model_options": {"hidden": (8,)},
          "faults": {"agent_dropout": 0.4, "seed": 1}}
     c, progs, state, topo, dev = _programs(c, tiny_data())
     dropped_seen = alive_seen = 0
     for _ in range(4):
       pat = _pattern_at(c, state, topo)
-      before = jax.device_get((state.params, state.alg_state.opt_state))
+      # every per-agent leaf: optimizer state, CHOCO's public copy, trackers, push-sum weights
+      before = jax.device_get((state.params, _per_agent(state.alg_state, 8)))
       state, m = progs.train_step(state, topo, dev)
-      after = jax.device_get((state.params, state.alg_state.opt_state))
+      after = jax.device_get((state.params, _per_agent(state.alg_state, 8)))
       self.assertEqual(float(m["dropped_agents"]), float(np.sum(~pat.alive)))
       for k in range(8):
         unchanged = _same(_agent(before, k), _agent(after, k))

@@ -1,4 +1,4 @@
-"""Tests for drt_jax.algorithms.push_sum: exact averaging on directed graphs whose senders split
+"""Tests for drt_jax.algorithms.push: exact averaging on directed graphs whose senders split
 their mass, the least-squares fixed point, and the protocol's invariants."""
 
 import dataclasses
@@ -13,7 +13,7 @@ from absl.testing import absltest, parameterized
 
 from drt_jax import combine, topology
 from drt_jax.algorithms import diffusion
-from drt_jax.algorithms.push_sum import push_sum
+from drt_jax.algorithms.push import push_sum
 
 _K = 8
 

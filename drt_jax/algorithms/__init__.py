@@ -80,8 +80,9 @@ from drt_jax.algorithms.base import (
   check_comm_every,
   local_optimizer,
 )
+from drt_jax.algorithms.compressed import ChocoState, choco
 from drt_jax.algorithms.diffusion import diffusion_atc, diffusion_cta, drt_diffusion, dsgd, local
-from drt_jax.algorithms.push_sum import PushSumState, push_sum
+from drt_jax.algorithms.push import PushSumState, push_sum
 from drt_jax.algorithms.tracking import (
   drt_exact_diffusion,
   drt_gradient_tracking,
@@ -92,7 +93,8 @@ from drt_jax.algorithms.tracking import (
 __all__ = ["ALGORITHMS", "NAMES", "OPTIMIZERS", "Algorithm", "DRTState", "DiffusionState",
            "check_comm_every", "diffusion_atc", "diffusion_cta", "drt_diffusion", "dsgd",
            "local", "local_optimizer", "make", "options", "push_sum", "PushSumState", "uses_drt",
-           "gradient_tracking", "exact_diffusion", "drt_gradient_tracking", "drt_exact_diffusion"]
+           "gradient_tracking", "exact_diffusion", "drt_gradient_tracking", "drt_exact_diffusion",
+           "choco", "ChocoState"]
 
 
 def _drt_variant(variant):
@@ -118,6 +120,7 @@ ALGORITHMS = {
     "exact_diffusion": exact_diffusion,
     "drt_gradient_tracking": drt_gradient_tracking,
     "drt_exact_diffusion": drt_exact_diffusion,
+    "choco": choco,
     "push_sum": push_sum,
 }
 NAMES = tuple(ALGORITHMS)
