@@ -89,7 +89,8 @@ def run_configs(c) -> dict:
   configs, taken = {}, set()
   for name in compare:
     try:
-      own = {k: v for k, v in options.items() if k in algorithms.options(name)}
+      accepted = algorithms.options(name) if name in algorithms.NAMES else ()
+      own = {k: v for k, v in options.items() if k in accepted}
       configs[name] = config_lib.resolve({**library, "algorithm": name,
                                           "algorithm_options": own})
     except ValueError as e:  # said of compare, which set it, not of algorithm alone

@@ -175,5 +175,29 @@ class DataMemorySmokeTest(absltest.TestCase):
     self.assertEqual(lines[-1], {"data_memory": memory})
 
 
+class AlgorithmsSmokeTest(absltest.TestCase):
+
+  # One of each family keeps the subprocess short; the others run the same code path.
+  VARIANTS = ("cta", "drt", "gradient_tracking", "choco(top_k 10%)")
+
+  def test_every_variant_is_timed_against_atc(self):
+    result, lines = _measured(self, "algorithms", "--smoke", "--variants",
+                              ",".join(self.VARIANTS), timeout=300)
+    rows = result["rows"]
+    self.assertEqual([r["variant"] for r in rows], ["atc", *self.VARIANTS])
+    atc = rows[0]
+    self.assertEqual((atc["step_vs_atc"], atc["alg_vs_atc"]), (1.0, 1.0))
+    for r in rows:
+      self.assertEqual((r["backend"], r["K"]), ("vmap", 4))
+      for field in ("step_ms", "alg_ms", "step_vs_atc", "alg_vs_atc", "loss"):
+        self.assertTrue(math.isfinite(r[field]) and r[field] > 0, (r["variant"], field))
+      self.assertAlmostEqual(r["step_vs_atc"], r["step_ms"] / atc["step_ms"])
+    self.assertEqual(rows[-1]["options"], {"compressor": "top_k", "ratio": 0.1})
+    self.assertIn("| vmap | choco(top_k 10%) |", result["table"])
+    # The JSONL stream holds each case as it finished, before the ratios were known.
+    self.assertEqual([ln for ln in lines if "variant" in ln],
+                     [{k: v for k, v in r.items() if not k.endswith("_vs_atc")} for r in rows])
+
+
 if __name__ == "__main__":
   absltest.main()

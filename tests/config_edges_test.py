@@ -16,9 +16,10 @@ import jax
 import numpy as np
 from absl.testing import absltest, parameterized
 from experiments_test import run_binary
+from fixtures import TINY, tiny_data
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
-from drt_jax import config
+from drt_jax import config, train
 from experiments import common, sweep
 
 _SMOKE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
@@ -97,6 +98,26 @@ class ResolveTest(parameterized.TestCase):
        "config.precision"),
       ("conv_twice", {"conv": "xla", "model_options": {"conv": "taps"}},
        "expected one of config.conv='xla' and config.model_options.conv: set one"),
+      # An algorithm's own options: its names, checked by its factory.
+      ("option_of_another_algorithm", {"algorithm_options": {"compressor": "top_k"}},
+       "config.algorithm_options.compressor='top_k' is not accepted; expected an option of "
+       "'atc', one of: aggregation, clip_radius, trim"),
+      ("option_with_a_field_of_its_own", {"algorithm": "drt",
+                                          "algorithm_options": {"strength": 2.0}},
+       "config.algorithm_options.strength=2.0 is not accepted; expected set in "
+       "config.drt.strength, not here"),
+      ("unknown_compressor", {"algorithm": "choco", "algorithm_options": {"compressor": "zip"}},
+       "config.algorithm_options={'compressor': 'zip'} is not accepted: "),
+      ("comm_every_where_not_taken", {"algorithm": "gradient_tracking", "comm_every": 2},
+       "config.comm_every=2 is not accepted; expected 1: 'gradient_tracking' communicates every "
+       "step"),
+      ("byzantine_all", {"num_agents": 4, "faults": {"byzantine": 4}},
+       "config.faults.byzantine=4 is not accepted"),
+      ("unknown_attack", {"faults": {"attack": "flip"}}, "config.faults.attack='flip' is not "
+       "accepted: unknown faults.attack 'flip'; expected one of: sign_flip"),
+      ("unknown_weight_rule", {"topology_weights": "bogus"},
+       "config.topology_weights='bogus' is not accepted; expected one of: metropolis, uniform, "
+       "push"),
   )
   def test_bad_value_is_one_value_error_line(self, override, expected):
     with self.assertRaises(ValueError) as caught:
@@ -112,6 +133,10 @@ class ResolveTest(parameterized.TestCase):
     config.resolve({"model": "mlp", "model_options": {"hidden": [16, 16]}})  # as config.json
     config.resolve({"model": "mlp", "model_options": {"hidden": ()}})
     config.resolve({"lazy": 0.2, "topology_options": {"lazy": 0.2}})
+    config.resolve({"algorithm": "choco", "algorithm_options": {"compressor": "random_k",
+                                                                "ratio": 0.5}})
+    config.resolve({"algorithm": "atc", "algorithm_options": {"aggregation": "median"},
+                    "faults": {"byzantine": 1, "attack": "alie"}})
     self.assertEqual(config.resolve({"learning_rate": 1}).learning_rate, 1.0)  # still a float
 
   def test_seed_bound_is_where_keys_alias(self):
@@ -121,6 +146,27 @@ class ResolveTest(parameterized.TestCase):
     self.assertFalse(np.array_equal(key(config.MAX_SEED), key(0)))
     if not jax.config.jax_enable_x64:  # the default: 32 bits kept, the next seed is 0 again
       np.testing.assert_array_equal(key(config.MAX_SEED + 1), key(0))
+
+
+class UnsuitableWeightsTest(absltest.TestCase):
+  """What an algorithm needs of the graph's weights is refused in one line before training."""
+
+  def test_each_refusal_names_what_is_needed(self):
+    cases = (("exact_diffusion", "exponential", "metropolis", "symmetric doubly stochastic"),
+             ("gradient_tracking", "star", "uniform", "doubly stochastic weights"),
+             ("push_sum", "exponential", "metropolis", None),  # regular: rows sum to one too
+             ("atc", "directed_erdos_renyi", "push", "every agent's weights summing to one"))
+    for alg, kind, weights, needed in cases:
+      c = {**TINY, "num_agents": 8, "num_steps": 1, "eval_every": 1, "algorithm": alg,
+           "topology": kind, "topology_weights": weights, "seed": 1}
+      if needed is None:
+        train.train_and_evaluate(c, data=tiny_data(), verbose=False)
+        continue
+      with self.assertRaises(ValueError) as caught:
+        train.train_and_evaluate(c, data=tiny_data(), verbose=False)
+      message = str(caught.exception)
+      self.assertIn(f"{alg} needs {needed}", message)
+      self.assertNotIn("\n", message)
 
 
 class ConfigFileTest(_Tmp):

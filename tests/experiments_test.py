@@ -199,6 +199,22 @@ class BinaryTest(absltest.TestCase):
                                 "'bogus' is not accepted; expected one of: atc,"):
       train_binary.run_configs(c)
 
+  def test_compare_gives_each_algorithm_the_options_it_takes(self):
+    c = get_config("default", "smoke")
+    c.compare = ("atc", "choco")
+    c.algorithm_options = {"compressor": "quantize", "bits": 2}
+    configs = train_binary.run_configs(c)
+    self.assertEqual(configs["atc"].algorithm_options.to_dict(), {})
+    self.assertEqual(configs["choco"].algorithm_options.to_dict(),
+                     {"compressor": "quantize", "bits": 2})
+    c.algorithm_options = {"compressor": "quantize", "form": "dsgt"}
+    with self.assertRaisesRegex(ValueError, "^config.algorithm_options.form is an option of none "
+                                r"of the compared algorithms \(atc, choco\)"):
+      train_binary.run_configs(c)
+    c.compare = ("atc", "choco", "gradient_tracking")
+    configs = train_binary.run_configs(c)
+    self.assertEqual(configs["gradient_tracking"].algorithm_options.to_dict(), {"form": "dsgt"})
+
   def test_bad_flags_give_one_line(self):
     smoke = f"--config={_EXPERIMENTS}/configs/default.py:smoke"
     for args, expected in (
