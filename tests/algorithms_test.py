@@ -359,6 +359,17 @@ class MakeTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "granularity"):
       algorithms.make(name, optax.sgd(0.1), granularity="block")
 
+  def test_weights_are_checked_on_device_topologies_inside_jit(self):
+    # The benchmarks and notebooks put the topology on the device before init_state jits init;
+    # the check then reads host copies instead of staging numpy calls on traced indexing.
+    params = _params()
+    alg = algorithms.make("exact_diffusion", optax.sgd(0.1))
+    ring = jax.device_put(topology.make("ring", _K))
+    self.assertEqual(int(jax.jit(lambda: alg.init(params, ring))().count), 0)
+    directed = jax.device_put(topology.make("exponential", _K))
+    with self.assertRaisesRegex(ValueError, "exact_diffusion needs symmetric"):
+      jax.jit(lambda: alg.init(params, directed))()
+
   def test_only_cta_moves_the_gradient_point(self):
     for name in algorithms.NAMES:
       self.assertEqual(algorithms.make(name, optax.sgd(0.1)).grad_point is not None, name == "cta")

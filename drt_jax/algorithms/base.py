@@ -4,11 +4,13 @@ the states of the diffusion family and the small pieces their steps are built fr
 See :mod:`drt_jax.algorithms` for the protocol and the list of algorithms.
 """
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from drt_jax import combine as combine_lib
@@ -147,8 +149,12 @@ def require_weights(topology, need: str, algorithm: str) -> None:
   Checked on the host when an algorithm's ``init`` is given a concrete :class:`Topology`; a
   traced one (inside a user's own jit) or a bare ``Mixing`` is taken as it is.
   """
-  if not isinstance(topology, Topology) or isinstance(topology.nbr_w, jax.core.Tracer):
+  if not isinstance(topology, Topology) or any(
+      isinstance(x, jax.core.Tracer) for x in (topology.nbr_idx, topology.nbr_w)):
     return
+  # Host copies: device arrays closed over by a jitted init would stage the checks' indexing.
+  topology = dataclasses.replace(topology, nbr_idx=np.asarray(topology.nbr_idx),
+                                 nbr_w=np.asarray(topology.nbr_w))
   prop, what = _NEEDS[need]
   ok = getattr(topology, prop) and (need != "symmetric" or topology.column_stochastic)
   if not ok:
