@@ -19,6 +19,8 @@ What shapes a program is said explicitly: a :class:`StepSpec` (agents, batch, ba
 new weights, a time-varying schedule, another dataset of the same shapes or other hyperparameters
 kept in the state (the named optimizers' learning rate, DRT's strength) never recompile.
 :func:`programs_for` keeps the programs of recent keys for the process (a sweep reuses them).
+:func:`program_functions` gives the same functions unjitted and :func:`init_states` several runs'
+initial states at once, for the vectorised sweeps of :mod:`drt_jax.vectorize`.
 """
 
 import collections
@@ -31,6 +33,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from drt_jax import backends, models
 from drt_jax import combine as combine_lib
@@ -147,6 +150,35 @@ def init_state(spec: StepSpec, model: models.Model, alg, topology, *, seed: int 
   """
   build = functools.partial(_init_state, spec, model, alg, topology, seed, same_init)
   return jax.jit(build, out_shardings=state_shardings(spec, model, alg, topology))()
+
+
+def runs_shardings(spec: StepSpec, model: models.Model, alg, topology):
+  """Where each leaf of several runs' states stacked on a leading run axis lives (None without
+  the ``shard`` back-end): each leaf as in :func:`state_shardings`, the run axis whole in front
+  of it, so that every device holds its agents of every run."""
+  one = state_shardings(spec, model, alg, topology)
+  if one is None:
+    return None
+  return jax.tree.map(lambda sh: NamedSharding(sh.mesh, PartitionSpec(None, *sh.spec)), one)
+
+
+def init_states(spec: StepSpec, model: models.Model, runs) -> TrainState:
+  """The initial states of several runs of one spec and model, stacked on a leading run axis.
+
+  ``runs`` lists ``(alg, topology, seed, same_init)`` per run; each state is exactly that of
+  :func:`init_state` (the same jnp computation), and all are built by one jitted program, so
+  that the members of a vectorised sweep (:mod:`drt_jax.vectorize`) compile one initialisation
+  rather than one each. With the ``shard`` back-end they land split over the agents mesh
+  (:func:`runs_shardings`).
+  """
+  builds = [functools.partial(_init_state, spec, model, alg, topology, seed, same_init)
+            for alg, topology, seed, same_init in runs]
+
+  def init_all():
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *(build() for build in builds))
+
+  alg, topology = runs[0][:2]
+  return jax.jit(init_all, out_shardings=runs_shardings(spec, model, alg, topology))()
 
 
 class Programs(NamedTuple):
@@ -291,9 +323,14 @@ def _param_metrics_fn(spec: StepSpec, alg):
   return param_metrics
 
 
-def build_programs(spec: StepSpec, model: models.Model, alg) -> Programs:
-  """Jits the train step and the evaluation functions of ``spec``, ``model`` and ``alg`` (any
-  object with the ``init``/``step`` shape of :class:`drt_jax.algorithms.Algorithm`)."""
+def program_functions(spec: StepSpec, model: models.Model, alg) -> Programs:
+  """The unjitted functions :func:`build_programs` jits: the train step, the evaluation and the
+  metrics of ``spec``, ``model`` and ``alg``, for callers that transform them further (the
+  vectorised sweeps of :mod:`drt_jax.vectorize` vmap them over the members of a sweep)."""
+  return _functions(spec, model, alg)[0]
+
+
+def _functions(spec: StepSpec, model: models.Model, alg):
   if spec.combine_batch_stats and getattr(alg, "combine_stats", None) is None:
     raise ValueError("combine_batch_stats is on but the algorithm has no combine_stats; give it "
                      "one or set combine_batch_stats=False")
@@ -304,21 +341,30 @@ def build_programs(spec: StepSpec, model: models.Model, alg) -> Programs:
   lift = functools.partial(backends.per_agent, backend=spec.backend, num_agents=spec.num_agents,
                            chunk_size=spec.chunk_size)
   # Which leaves are split with their agents depends on the state's shapes alone, not on the
-  # graph's width, so any topology of K agents finds them.
-  state_sh = state_shardings(spec, model, alg, topology_lib.identity(spec.num_agents))
+  # graph's width, so any graph of K agents finds them: the identity's weights as a bare Mixing,
+  # which an algorithm's checks of a topology (a trimmed mean's neighbourhood sizes, say) pass.
+  state_sh = state_shardings(spec, model, alg, topology_lib.identity(spec.num_agents).mixing())
   placed = _placer(spec, state_sh)
-  train_step = _train_step_fn(spec, model, alg, lift, placed, state_sh)
-  evaluate = jax.jit(_evaluate_fn(spec, model, lift, placed))
-  param_metrics = jax.jit(_param_metrics_fn(spec, alg))
+  fns = Programs(_train_step_fn(spec, model, alg, lift, placed, state_sh),
+                 _evaluate_fn(spec, model, lift, placed), _param_metrics_fn(spec, alg))
+  return fns, state_sh
+
+
+def build_programs(spec: StepSpec, model: models.Model, alg) -> Programs:
+  """Jits the train step and the evaluation functions of ``spec``, ``model`` and ``alg`` (any
+  object with the ``init``/``step`` shape of :class:`drt_jax.algorithms.Algorithm`)."""
+  fns, state_sh = _functions(spec, model, alg)
+  evaluate = jax.jit(fns.evaluate)
+  param_metrics = jax.jit(fns.param_metrics)
   if state_sh is None:  # one device: placement is JAX's default
-    return Programs(jax.jit(train_step, donate_argnums=(0,)), evaluate, param_metrics)
+    return Programs(jax.jit(fns.train_step, donate_argnums=(0,)), evaluate, param_metrics)
   # On the agents mesh the inputs must already be where the step computes: stacked leaves and
   # the devices' blocks of examples split over it, the graph and the normalisation whole on every
   # device (the outputs are placed).
   split = backends.split(spec.backend, spec.num_agents)
   whole = backends.replicated(spec.backend, spec.num_agents)
   data_sh = DeviceData(images=split, labels=split, idx=split, counts=split, mean=whole, std=whole)
-  step = jax.jit(train_step, donate_argnums=(0,), in_shardings=(state_sh, whole, data_sh))
+  step = jax.jit(fns.train_step, donate_argnums=(0,), in_shardings=(state_sh, whole, data_sh))
   return Programs(step, evaluate, param_metrics)
 
 

@@ -72,8 +72,12 @@ class _Run(NamedTuple):
   digest: Callable[[], str]  # names the data (hashed once, where it is compared or saved)
 
 
-def _setup(c: ml_collections.ConfigDict, data, given: dict) -> _Run:
-  """Loads and splits the data, builds the objects and programs, and the initial state."""
+def _setup(c: ml_collections.ConfigDict, data, given: dict, *, on_device: bool = True) -> _Run:
+  """Loads and splits the data, builds the objects and programs, and the initial state.
+
+  Without ``on_device`` the training data and the state are left to the caller (``dev`` and
+  ``state`` are None): the vectorised sweeps place them once for all their members.
+  """
   d = data_lib.as_data(data) if data is not None else inputs.load_data(c)
   prepared = inputs.prepare_data(c, d)
   digest = functools.cache(functools.partial(inputs.data_digest, prepared))
@@ -85,18 +89,22 @@ def _setup(c: ml_collections.ConfigDict, data, given: dict) -> _Run:
   spec = build.step_spec(c)
   progs = step_lib.programs_for(spec, objs.model, objs.algorithm, model_key=objs.model_key,
                                 algorithm_key=objs.algorithm_key)
-  dev = inputs.device_data(prepared.data, prepared.parts, c.backend)
-  state = step_lib.init_state(spec, objs.model, objs.algorithm, objs.topology, seed=c.seed,
-                              same_init=c.same_init)
-  bad = np.flatnonzero(~backends.to_host(step_lib.agents_finite(state.params)))
-  if bad.size:
-    raise ValueError(f"the initial parameters are not finite on agents {bad.tolist()}; check "
-                     "the model's initialisers")
+  init = functools.partial(step_lib.init_state, spec, objs.model, objs.algorithm, objs.topology,
+                           seed=c.seed, same_init=c.same_init)
+  dev = state = None
+  if on_device:
+    dev = inputs.device_data(prepared.data, prepared.parts, c.backend)
+    state = init()
+    bad = np.flatnonzero(~backends.to_host(step_lib.agents_finite(state.params)))
+    if bad.size:
+      raise ValueError(f"the initial parameters are not finite on agents {bad.tolist()}; check "
+                       "the model's initialisers")
   place = functools.partial(backends.place, backend=c.backend, num_agents=c.num_agents,
                             stacked=False)
   topo = objs.topology
   topo = dataclasses.replace(topo, **place({"nbr_idx": topo.nbr_idx, "nbr_w": topo.nbr_w}))
-  shared = (state.params, state.model_state) if c.combine_batch_stats else state.params
+  shapes = state if on_device else jax.eval_shape(init)
+  shared = (shapes.params, shapes.model_state) if c.combine_batch_stats else shapes.params
   message = getattr(objs.algorithm, "message_bytes", None)
   nbytes = metrics_lib.tree_bytes(shared)
   bytes_sent = metrics_lib.bytes_per_agent_step(
@@ -239,12 +247,18 @@ class _Evaluator:
     return float(np.mean(self.buf[name])) if self.buf.get(name) else None
 
   def row(self, state: step_lib.TrainState, step: int) -> dict:
-    c, run, n, h = self.c, self.run, self.sizes, self.honest
+    run = self.run
     sums = {name: backends.to_host(run.programs.evaluate(state.params, state.model_state, ev,
                                                          run.dev.mean, run.dev.std))
             for name, ev in run.eval_sets.items()}
     pm = backends.to_host(run.programs.param_metrics(state.params, state.model_state,
                                                      state.alg_state, run.topology))
+    return self.make_row(sums, pm, step)
+
+  def make_row(self, sums: dict, pm: dict, step: int) -> dict:
+    """The row of ``step`` from the host copies of the evaluation sums (per set) and the
+    parameter metrics, and the host's buffers since the last row (which it empties)."""
+    c, run, n, h = self.c, self.run, self.sizes, self.honest
     test, test_acc = sums["test"], sums["test"]["correct"] / n["test"]
     train_acc = sums["train"]["correct"] / n["train"]
     now = time.perf_counter()
@@ -359,6 +373,11 @@ def train_and_evaluate(config=None, workdir: str | None = None, data=None, *,
                  _Progress(c.num_steps, verbose and main))
 
 
+def is_eval_step(c: ml_collections.ConfigDict, step: int) -> bool:
+  """Whether a run of config ``c`` evaluates (writes a row) at ``step``."""
+  return step in (0, c.num_steps) or bool(c.eval_every and step % c.eval_every == 0)
+
+
 def _loop(c, run: _Run, ckpt, resumed: _Resumed, writer, callbacks, progress) -> list[dict]:
   """Steps from the resumed step to ``c.num_steps``, evaluating, logging and saving on the way."""
   state, first, history = resumed.state, resumed.step, list(resumed.rows)
@@ -384,7 +403,7 @@ def _loop(c, run: _Run, ckpt, resumed: _Resumed, writer, callbacks, progress) ->
       callback(row)
 
   def is_eval(step):
-    return step in (0, c.num_steps) or bool(c.eval_every and step % c.eval_every == 0)
+    return is_eval_step(c, step)
 
   # Step 0, or a checkpoint whose row did not reach the disk. Process 0's metrics decide: an
   # evaluation is collective, and another host may not see the same metrics file.

@@ -8,7 +8,8 @@ import numpy as np
 import optax
 from absl.testing import absltest, parameterized
 
-from drt_jax import algorithms, backends, topology, train
+from drt_jax import algorithms, backends, models, topology, train
+from drt_jax import step as step_lib
 from tests import fixtures
 
 K = 8
@@ -47,6 +48,21 @@ class ShardedStepTest(parameterized.TestCase):
     hlo = step.lower(split_p, split_p, split_s, split_topo).compile().as_text()
     big = [s for s in fixtures.collectives(hlo)["all-gather"] if fixtures.elements(s) >= 40 * 25]
     self.assertEmpty(big, f"{name} all-gathers parameter-sized arrays on the ring: {big}")
+
+
+class ShardedProgramsTest(parameterized.TestCase):
+
+  @parameterized.parameters(*[(n, {}) for n in algorithms.NAMES],
+                            ("atc", {"aggregation": "trimmed_mean", "trim": 1}),
+                            ("choco", {"compressor": "quantize"}))
+  def test_programs_build_on_the_agents_mesh(self, name, options):
+    # The state's shardings are found on a stand-in graph of K agents, which an algorithm's own
+    # checks of a real topology (a trimmed mean's neighbourhood sizes) must not refuse.
+    model = models.make("mlp", 10, input_shape=(8, 8, 1), hidden=(8,))
+    alg = algorithms.make(name, optax.sgd(0.1), **options)
+    spec = step_lib.StepSpec(num_agents=K, batch_size=2, backend="shard")
+    programs = step_lib.build_programs(spec, model, alg)
+    self.assertTrue(callable(programs.train_step))
 
 
 class TrainBackendsTest(absltest.TestCase):
