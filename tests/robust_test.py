@@ -2,6 +2,7 @@
 
 import dataclasses
 import re
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +111,82 @@ class DefinitionsTest(parameterized.TestCase):
       self.assertFalse(np.allclose(got["clip"][n], got["mean"][n], atol=1e-3))  # it did clip
       self.assertGreater(np.abs(got["median"][n].sum(axis=0) - total).max(), 1e-2)
       self.assertGreater(np.abs(got["trim1"][n].sum(axis=0) - total).max(), 1e-2)
+
+
+class SortingNetworkTest(parameterized.TestCase):
+  """The compare-exchange network of the trimmed mean and the median (widths up to
+  robust.NETWORK_MAX_WIDTH) and XLA's sort beyond it, against numpy on random neighbour lists."""
+
+  def test_network_sorts_every_zero_one_input(self):
+    # The 0-1 principle: a comparator network that sorts every 0/1 input sorts everything.
+    for width in range(1, robust.NETWORK_MAX_WIDTH + 1):
+      v = (np.arange(2 ** width)[:, None] >> np.arange(width)) & 1  # [2^width, width]
+      for i, j in robust.sorting_network(width):
+        self.assertLess(i, j)
+        v[:, i], v[:, j] = np.minimum(v[:, i], v[:, j]), np.maximum(v[:, i], v[:, j])
+      np.testing.assert_array_equal(v, np.sort(v, axis=1), err_msg=f"width {width}")
+    self.assertEqual([len(robust.sorting_network(w)) for w in (1, 2, 3, 4, 8, 16)],
+                     [0, 1, 3, 5, 19, 63])
+
+  @staticmethod
+  def _random_case(width, seed, k_count=9):
+    """Neighbour lists with repeated padding slots, zero-weight links and isolated agents;
+    values with ties, +-inf and NaN in a few coordinates."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, k_count, (k_count, width)).astype(np.int32)
+    idx[:, 0] = np.arange(k_count)
+    w = rng.uniform(0.1, 1.0, (k_count, width)).astype(np.float32)
+    w[:, 1:] *= rng.random((k_count, width - 1)) > 0.35  # padding, failed links
+    w[k_count - 1, 1:] = 0.0  # one agent alone
+    w /= w.sum(axis=1, keepdims=True)
+    x = rng.standard_normal((k_count, 4, 6)).astype(np.float32)
+    x[:, 0] = rng.integers(-2, 3, (k_count, 6))  # ties
+    x[:, 1, 0], x[:, 1, 1] = rng.choice([0.5, np.inf, -np.inf], (2, k_count))
+    x[:, 1, 2] = np.where(rng.random(k_count) < 0.3, np.nan, x[:, 1, 2])
+    return {"x": x}, idx, w
+
+  @staticmethod
+  def _reference(x, idx, w, b):
+    """Agent k's members (slot 0 and positive weights, by slot), sorted with NaN last, b
+    dropped at each end (b None: the median's), the rest averaged."""
+    out = np.empty_like(x)
+    for k in range(len(x)):
+      vals = x[[idx[k, j] for j in range(idx.shape[1]) if j == 0 or w[k, j] > 0]]
+      n = len(vals)
+      keep = (n - 1) // 2 if b is None else min(b, (n - 1) // 2)
+      with np.errstate(invalid="ignore"):
+        out[k] = np.sort(vals, axis=0)[keep:n - keep].mean(axis=0)
+    return out
+
+  @parameterized.parameters(1, 2, 3, 4, 5, 6)
+  def test_trimmed_mean_and_median_against_numpy(self, width):
+    def run(tree, mixing, network_max_width):
+      def rules(tree, mixing):  # a new function each time: jit's trace cache keeps one path
+        return {**{f"trim{b}": robust.trimmed_mean(tree, mixing, b) for b in (0, 1, 2)},
+                "median": robust.median(tree, mixing)}
+
+      with mock.patch.object(robust, "NETWORK_MAX_WIDTH", network_max_width):
+        sorts = "sort[" in str(jax.make_jaxpr(rules)(tree, mixing))
+        self.assertEqual(sorts, width > network_max_width)
+        return jax.device_get(jax.jit(rules)(tree, mixing))
+
+    dropped = 0
+    for seed in range(3):
+      tree, idx, w = self._random_case(width, seed)
+      mixing = Mixing(jnp.asarray(idx), jnp.asarray(w))
+      got = run(tree, mixing, robust.NETWORK_MAX_WIDTH)
+      by_sort = run(tree, mixing, 0)  # XLA's sort, the path of wider neighbourhoods
+      for rule in got:
+        want = self._reference(tree["x"], idx, w, None if rule == "median" else int(rule[4:]))
+        msg = f"width {width}, seed {seed}, {rule}"
+        np.testing.assert_allclose(got[rule]["x"], want, rtol=1e-6, atol=1e-6, err_msg=msg)
+        np.testing.assert_allclose(by_sort[rule]["x"], want, rtol=1e-6, atol=1e-6, err_msg=msg)
+      # The cases are there: a NaN member kept by the mean, and (from 3 slots) dropped.
+      nan_member = np.isnan(tree["x"][:, 1, 2])[idx] & ((w > 0) | (np.arange(width) == 0))
+      nan_member = nan_member.any(axis=1)
+      dropped += int(np.sum(nan_member & np.isfinite(got["median"]["x"][:, 1, 2])))
+      self.assertTrue(np.isnan(got["trim0"]["x"][nan_member, 1, 2]).all())
+    self.assertEqual(dropped > 0, width >= 3)
 
 
 class ByzantineLeastSquaresTest(absltest.TestCase):
