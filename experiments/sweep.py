@@ -12,8 +12,28 @@ sweep that died on this host is taken over, with a warning). Runs of the same sh
 compiled step (seeds, learning rates, DRT strengths, topology weights), so a sweep over seeds
 compiles once.
 
+``--vectorize`` (default ``auto``) trains points that differ only in
+:data:`drt_jax.vectorize.VECTORIZED_FIELDS` (seeds, learning rates, DRT strengths, weights,
+partitions) as one program (:func:`drt_jax.vectorize.train_and_evaluate_many`). The points still to
+run are grouped into *blocks*: points whose resolved configs agree on every other field. A block of
+two or more runs vectorised; a block of one, and a block that :func:`drt_jax.vectorize.vectorizable`
+refuses (a random graph drawn from the seed, several processes; one log line says why), runs
+sequentially. ``on`` is ``auto`` that fails (one line, before anything trains) on a refused block;
+``off`` runs every point on its own. A member's row is the one its sequential run writes, to float
+rounding (a diverged member gets the row of a run that raised ``FloatingPointError``), its workdir
+the same folder; its ``wall_time_s`` is its share of its block's wall time (the block's time over
+its members), so the rows' times add up to the sweep's. A block that fails while running (not a
+divergence) is run again point by point, so each point gets its own ok or error row. Rows are
+appended when their run (or block) ends: blocks in the order of their first point in the grid, each
+block's points in grid order, so a grid whose vectorised fields are the last ``--grid`` flags keeps
+the grid's order exactly; the rows :func:`run` returns are in grid order always. A killed sweep
+loses its unfinished block's rows only: the rerun trains that block's unfinished points again (from
+their checkpoints, if ``--workdir_root`` keeps them).
+
   python experiments/sweep.py --config=experiments/configs/default.py:smoke \
       --grid=algorithm=atc,drt --grid=seed=0,1 --out=runs/sweep.jsonl
+
+(two blocks, atc and drt, each of two seeds trained as one program).
 
 ``--grid field=v1,v2,...`` is repeated, one per field; dotted fields (``drt.strength``,
 ``model_options.hidden``) are allowed; values are comma-separated, each read as JSON where possible
@@ -49,10 +69,12 @@ from ml_collections import config_flags
 
 from drt_jax import backends, train
 from drt_jax import config as config_lib
+from drt_jax import vectorize as vectorize_lib
 from drt_jax import workdir as workdir_lib
 from experiments import common
 
 FINISHED = ("ok", "diverged")  # statuses a rerun skips
+VECTORIZE = ("auto", "on", "off")  # how run() trains blocks of points (see the module docstring)
 GRID_FORM = ("field=v1,v2,... (e.g. --grid=seed=0,1, --grid=drt.strength=0.5,1.0 or "
              "--grid=model_options.hidden=(16,),(32,))")
 # A lock whose holder wrote nothing readable is taken over only this long after it was made (a
@@ -127,6 +149,34 @@ def check(base, overrides_list: Sequence[Mapping]) -> None:
       raise ValueError(f"grid point {run_key(overrides)}: {first}") from e
 
 
+def _flat(d: Mapping, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def blocks(base, overrides_list: Sequence[Mapping]) -> list[list[dict]]:
+  """The points in blocks whose resolved configs differ only in ``VECTORIZED_FIELDS``.
+
+  Blocks come in the order of their first point, each block's points in the order given (a
+  stable sort by block), so a grid whose vectorised fields vary fastest keeps its order.
+
+  >>> blocks(base, points({"algorithm": ["atc", "drt"], "seed": [0, 1]}))
+  [[{'algorithm': 'atc', 'seed': 0}, {'algorithm': 'atc', 'seed': 1}],
+   [{'algorithm': 'drt', 'seed': 0}, {'algorithm': 'drt', 'seed': 1}]]
+  """
+  groups: dict[str, list[dict]] = {}
+  for overrides in overrides_list:
+    flat = _flat(config_lib.resolve(config_for(base, overrides)).to_dict())
+    shape = {k: v for k, v in flat.items() if k not in vectorize_lib.VECTORIZED_FIELDS}
+    groups.setdefault(json.dumps(shape, sort_keys=True, default=str), []).append(dict(overrides))
+  return list(groups.values())
+
+
 # --------------------------------------------------------------------------------------------
 # Rows.
 
@@ -153,19 +203,53 @@ def _one_line(e: BaseException) -> str:
 # Running.
 
 
-def train_one(config: dict, workdir: str | None = None, metrics: Sequence[str] | None = None):
-  """Trains one point; returns the result fields of its row (without key and overrides)."""
-  start = time.perf_counter()
-  history = train.train_and_evaluate(config, workdir, data=common.data_for(config))
-  wall = time.perf_counter() - start
+def _result(history: Sequence[dict], wall: float, metrics: Sequence[str] | None) -> dict:
   best = [r["test_acc_mean"] for r in history if r.get("test_acc_mean") is not None]
   rows = [_scalars(r, metrics) for r in history]
   return {"history": rows, "final": rows[-1], "best_test_acc_mean": max(best, default=None),
           "wall_time_s": wall, "status": "ok"}
 
 
+def train_one(config: dict, workdir: str | None = None, metrics: Sequence[str] | None = None):
+  """Trains one point; returns the result fields of its row (without key and overrides)."""
+  start = time.perf_counter()
+  history = train.train_and_evaluate(config, workdir, data=common.data_for(config))
+  return _result(history, time.perf_counter() - start, metrics)
+
+
+def _as_members(resolved: Sequence[dict]) -> tuple[dict, list[dict]]:
+  """A block's resolved configs as ``train_and_evaluate_many``'s base and members: the first
+  config, and each point's values of the vectorised fields (the rest is the same in a block)."""
+  flats = [_flat(c) for c in resolved]
+  members = [{f: flat[f] for f in vectorize_lib.VECTORIZED_FIELDS if f in flat}
+             for flat in flats]
+  return dict(resolved[0]), members
+
+
+def train_block(resolved: Sequence[dict], workdirs: Sequence[str | None],
+                metrics: Sequence[str] | None = None) -> list[dict]:
+  """Trains one block's points (resolved configs) as one program; returns each point's result
+  fields: :func:`train_one`'s for an ok member, ``status`` diverged and the ``error`` a
+  sequential run that raised records for a diverged one; each with its share of the wall time."""
+  start = time.perf_counter()
+  base, members = _as_members(resolved)
+  datas = [common.data_for(c) for c in resolved]  # loaded once per process, as train_one's
+  data = datas[0] if all(d is datas[0] for d in datas) else None  # else: each loads its own
+  histories = vectorize_lib.train_and_evaluate_many(base, members, workdirs=list(workdirs),
+                                                    data=data)
+  share = (time.perf_counter() - start) / len(resolved)
+  results = []
+  for history in histories:
+    if history.status == "ok":
+      results.append(_result(history, share, metrics))
+    else:
+      results.append({"status": "diverged", "error": _one_line(FloatingPointError(history.error)),
+                      "wall_time_s": share})
+  return results
+
+
 def run(base, overrides_list: Sequence[Mapping], out: str, *, workdir_root: str | None = None,
-        metrics: Sequence[str] | None = None) -> list[dict]:
+        metrics: Sequence[str] | None = None, vectorize: str = "auto") -> list[dict]:
   """Trains every point not yet finished in ``out`` and appends one JSON line per run to it.
 
   Args:
@@ -176,18 +260,25 @@ def run(base, overrides_list: Sequence[Mapping], out: str, *, workdir_root: str 
     workdir_root: if given, each run writes its ``metrics.jsonl`` etc. to
       ``<workdir_root>/<safe_name(key)>``.
     metrics: history metrics to keep (None: every scalar metric; step and epoch always).
+    vectorize: ``"auto"`` trains each block of two or more unfinished points (:func:`blocks`)
+      as one program and the rest one by one; ``"on"`` too, but a block that cannot be
+      vectorised is an error; ``"off"`` trains every point on its own (see the module
+      docstring for the order of the appended rows).
 
   Returns:
     One row per distinct point, in order: the stored one for skipped points, else the new one.
 
   Raises:
-    ValueError: a point is not a valid config (nothing has run).
+    ValueError: a point is not a valid config, ``vectorize`` is not one of :data:`VECTORIZE`, or
+      with ``"on"`` a block cannot be vectorised (nothing has run).
     Locked: another sweep, still running, writes ``out`` (it holds ``<out>.lock``).
   """
+  if vectorize not in VECTORIZE:
+    raise ValueError(f"vectorize={vectorize!r} is not one of {', '.join(VECTORIZE)}")
   check(base, overrides_list)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with _locked(out):
-    return _run(base, overrides_list, out, workdir_root, metrics)
+    return _run(base, overrides_list, out, workdir_root, metrics, vectorize)
 
 
 def _finished(row: dict) -> bool:
@@ -198,7 +289,31 @@ def _finished(row: dict) -> bool:
           and (row["status"] != "ok" or isinstance(row.get("final"), dict)))
 
 
-def _run(base, overrides_list, out, workdir_root, metrics) -> list[dict]:
+def _plan(base, todo: list[dict], vectorize: str) -> list[list[dict]]:
+  """``todo`` in the blocks that run: those of two or more points run vectorised."""
+  if vectorize == "off":
+    return [[overrides] for overrides in todo]
+  plan = []
+  for block in blocks(base, todo):
+    if len(block) > 1:
+      try:
+        vectorize_lib.vectorizable(*_as_members(
+            [config_lib.resolve(config_for(base, o)).to_dict() for o in block]))
+      except ValueError as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if vectorize == "on":
+          raise ValueError(f"vectorize=on: the block of {len(block)} points from "
+                           f"{run_key(block[0])} cannot run as one program: {why} (vectorize=auto "
+                           "runs such a block point by point)") from e
+        logging.info("the block of %d points from %s runs sequentially: %s", len(block),
+                     run_key(block[0]), why)
+        plan += [[overrides] for overrides in block]
+        continue
+    plan.append(block)
+  return plan
+
+
+def _run(base, overrides_list, out, workdir_root, metrics, vectorize="auto") -> list[dict]:
   done, broken = {}, 0
   for row in workdir_lib.read_jsonl(out):
     if _finished(row):
@@ -222,16 +337,18 @@ def _run(base, overrides_list, out, workdir_root, metrics) -> list[dict]:
   if skipped:
     logging.info("skipping %d finished runs (in %s)", skipped, out)
 
-  for i, overrides in enumerate(todo, 1):
+  def workdir(key):
+    return os.path.join(workdir_root, safe_name(key)) if workdir_root else None
+
+  def run_one(i, overrides):
     key = run_key(overrides)
     config = config_for(base, overrides)
     resolved = config_lib.resolve(config).to_dict()
-    workdir = os.path.join(workdir_root, safe_name(key)) if workdir_root else None
     logging.info("run %d/%d: %s", i, len(todo), key)
     row = {"key": key, "overrides": dict(overrides), "config": resolved}
     start = time.perf_counter()
     try:
-      row.update(train_one(config, workdir, metrics))
+      row.update(train_one(config, workdir(key), metrics))
     except FloatingPointError as e:  # the point diverges: its result, not a failure to retry
       logging.warning("run %s diverged: %s", key, _one_line(e))
       row.update(status="diverged", error=_one_line(e), wall_time_s=time.perf_counter() - start)
@@ -239,6 +356,33 @@ def _run(base, overrides_list, out, workdir_root, metrics) -> list[dict]:
       logging.exception("run %s failed", key)
       row.update(status="error", error=_one_line(e), wall_time_s=time.perf_counter() - start)
     results[key] = workdir_lib.append_jsonl(out, row)  # synced: a killed sweep keeps it
+
+  def run_block(i, block):
+    keys = [run_key(overrides) for overrides in block]
+    resolved = [config_lib.resolve(config_for(base, o)).to_dict() for o in block]
+    logging.info("runs %d-%d/%d as one program: %s", i, i + len(block) - 1, len(todo),
+                 ", ".join(keys))
+    try:
+      got = train_block(resolved, [workdir(key) for key in keys], metrics)
+    except Exception as e:  # each point's own run says whether, and how, it fails
+      logging.warning("the block of runs %d-%d failed (%s); its runs go one by one", i,
+                      i + len(block) - 1, _one_line(e))
+      for j, overrides in enumerate(block, i):
+        run_one(j, overrides)
+      return
+    for key, overrides, config, result in zip(keys, block, resolved, got):
+      if result["status"] == "diverged":
+        logging.warning("run %s diverged: %s", key, result["error"])
+      row = {"key": key, "overrides": dict(overrides), "config": config, **result}
+      results[key] = workdir_lib.append_jsonl(out, row)
+
+  i = 1
+  for block in _plan(base, todo, vectorize):
+    if len(block) > 1:
+      run_block(i, block)
+    else:
+      run_one(i, block[0])
+    i += len(block)
   return list(results.values())
 
 
@@ -417,6 +561,10 @@ def define_flags() -> None:
   flags.DEFINE_string("out", "runs/sweep.jsonl", "JSONL file the runs are appended to.")
   flags.DEFINE_string("workdir_root", "", "If set, each run's metrics.jsonl and config.json go "
                       "to <workdir_root>/<run name>.")
+  flags.DEFINE_enum("vectorize", "auto", VECTORIZE, "auto: train each block of points that differ "
+                    "only in vectorisable fields (seed, learning_rate, drt.strength, ...) as one "
+                    "program, the rest one by one; on: a block that cannot be vectorised is an "
+                    "error; off: every point on its own.")
   flags.DEFINE_integer("host_devices", 8, "Virtual CPU devices, so that the 'auto' back-end "
                        "shards the agents over them; no effect on a GPU or TPU.")
 
@@ -434,7 +582,7 @@ def main(argv):
     raise ValueError(f"--out={f.out} is a folder; give the JSONL file to append the runs to")
   os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
   open(f.out, "a").close()  # can it be written? Before any run, not after the first one
-  rows = run(f.config, todo, f.out, workdir_root=f.workdir_root or None)
+  rows = run(f.config, todo, f.out, workdir_root=f.workdir_root or None, vectorize=f.vectorize)
   print(summary_table(rows))
   print(f"\nresults: {os.path.abspath(f.out)}")
   failed = sum(r.get("status") == "error" for r in rows)

@@ -1,4 +1,5 @@
-"""experiments/sweep.py and experiments/plot.py: points, resumable runs, one compile per shape."""
+"""experiments/sweep.py and experiments/plot.py: points, resumable runs, one compile per shape,
+vectorised blocks."""
 
 import json
 import logging
@@ -10,9 +11,12 @@ import tempfile
 import textwrap
 from unittest import mock
 
+import chex
 import jax
 from absl.testing import absltest
+from fixtures import untimed
 
+from drt_jax import vectorize
 from drt_jax import workdir as workdir_lib
 from experiments import plot, sweep
 
@@ -28,6 +32,11 @@ BASE = {
 METRICS = ("step", "epoch", "test_acc_mean", "test_acc_min", "test_acc_max", "centroid_test_acc",
            "train_acc_mean", "gen_gap", "consensus_distance", "output_disagreement",
            "drt_log1p_mean", "drt_mean", "bytes_per_agent_step", "steps_per_sec", "wall_time")
+# Two seeds x two learning rates: one vectorised block.
+GRID = sweep.points({"seed": [0, 1], "learning_rate": [0.05, 0.1]})
+# What a mocked train_one returns: a finished point.
+DONE = {"history": [{"step": 0, "test_acc_mean": 0.5}], "final": {"step": 0, "test_acc_mean": 0.5},
+        "best_test_acc_mean": 0.5, "wall_time_s": 1.0, "status": "ok"}
 
 
 class _Lines(logging.Handler):
@@ -125,9 +134,9 @@ class SweepTest(_TempDirs):
     logger, handler = logging.getLogger("jax._src.interpreters.pxla"), _Lines()
     logger.addHandler(handler)
     try:
-      with jax.log_compiles():
+      with jax.log_compiles():  # the sequential path: vectorised, the seeds would be one block
         cls.rows = sweep.run(BASE, sweep.points({"seed": [0, 1]}), cls.out,
-                             workdir_root=os.path.join(cls.tmp, "runs"))
+                             workdir_root=os.path.join(cls.tmp, "runs"), vectorize="off")
     finally:
       logger.removeHandler(handler)
     cls.compiled = [line for line in handler.lines if "Compiling jit(" in line]
@@ -239,6 +248,132 @@ class SweepTest(_TempDirs):
     shutil.copy(self.out, out)
     workdir_lib.append_jsonl(out, {"key": "x", "status": "error", "error": "E"})
     self.assertEqual(plot.load([out, self.out]), self.rows)
+
+
+def assert_same_rows(test, got, want):
+  """Rows of the same points with the same fields and values, up to timings and float rounding
+  (a vectorised step may round its batched products differently)."""
+  test.assertEqual([r["key"] for r in got], [r["key"] for r in want])
+  for g, w in zip(got, want):
+    test.assertEqual(sorted(g), sorted(w), g["key"])
+    exact = ("key", "overrides", "config", "status", "error")
+    test.assertEqual({k: g.get(k) for k in exact}, {k: w.get(k) for k in exact})
+    if w["status"] == "ok":
+      test.assertEqual([sorted(r) for r in g["history"]], [sorted(r) for r in w["history"]])
+      chex.assert_trees_all_close(untimed(g["history"]), untimed(w["history"]), rtol=1e-5,
+                                  atol=1e-6, custom_message=g["key"])
+      test.assertEqual(g["final"], g["history"][-1])
+      test.assertAlmostEqual(g["best_test_acc_mean"], w["best_test_acc_mean"], places=5)
+
+
+class VectorizedSweepTest(_TempDirs):
+
+  def test_a_block_writes_the_rows_of_its_sequential_runs(self):
+    tmp = self._tmp()
+    seq = sweep.run(BASE, GRID, os.path.join(tmp, "seq.jsonl"), vectorize="off")
+    out = os.path.join(tmp, "vec.jsonl")
+    with (mock.patch.object(sweep.vectorize_lib, "train_and_evaluate_many",
+                            wraps=vectorize.train_and_evaluate_many) as many,
+          mock.patch.object(sweep, "train_one", side_effect=AssertionError("sequential"))):
+      rows = sweep.run(BASE, GRID, out, workdir_root=os.path.join(tmp, "runs"), vectorize="on")
+    many.assert_called_once()
+    self.assertLen(many.call_args.args[1], 4)  # one program for the four points
+    self.assertEqual(_lines(out), rows)
+    assert_same_rows(self, rows, seq)
+    self.assertLen({r["final"]["train_loss"] for r in rows}, 4)  # the points do differ
+    self.assertLen({r["wall_time_s"] for r in rows}, 1)  # each its share of the block's
+    for row in rows:
+      workdir = os.path.join(tmp, "runs", sweep.safe_name(row["key"]))
+      self.assertLen(workdir_lib.read_metrics(workdir), len(row["history"]))
+
+  def test_a_shape_changing_field_splits_the_grid_into_blocks(self):
+    # Blocks of four, as GRID's: the atc block reuses its compiled step where it ran first.
+    grid = sweep.points({"seed": [0, 1], "algorithm": ["atc", "drt"],
+                         "learning_rate": [0.05, 1e30]})
+    by_algorithm = [[p for p in grid if p["algorithm"] == a] for a in ("atc", "drt")]
+    self.assertEqual(sweep.blocks(BASE, grid), by_algorithm)
+    out = os.path.join(self._tmp(), "sweep.jsonl")
+    with (mock.patch.object(sweep.vectorize_lib, "train_and_evaluate_many",
+                            wraps=vectorize.train_and_evaluate_many) as many,
+          self.assertLogs("absl", level="WARNING")):
+      rows = sweep.run(BASE, grid, out)  # auto
+    self.assertEqual([len(c.args[1]) for c in many.call_args_list], [4, 4])
+    self.assertEqual([r["overrides"] for r in rows], grid)  # returned in grid order
+    self.assertEqual([r["overrides"] for r in _lines(out)], by_algorithm[0] + by_algorithm[1])
+    self.assertEqual([r["status"] for r in rows], ["ok", "diverged"] * 4)
+    # A diverged member's row is the one its sequential run (which raised) writes.
+    alone = sweep.run(BASE, [grid[1]], os.path.join(self._tmp(), "one.jsonl"), vectorize="off")
+    assert_same_rows(self, rows[1:2], alone)
+    self.assertTrue(all(r["error"].startswith("FloatingPointError: non-finite")
+                        for r in rows[1::2]))
+
+  def test_on_refuses_a_block_in_one_line_and_auto_runs_it_point_by_point(self):
+    er = {**BASE, "topology": "erdos_renyi"}  # a graph drawn from the seed: other lists
+    seeds = sweep.points({"seed": [0, 1]})
+    out = os.path.join(self._tmp(), "sweep.jsonl")
+    with (mock.patch.object(sweep, "train_one") as train_one,
+          mock.patch.object(sweep.vectorize_lib, "train_and_evaluate_many") as many,
+          self.assertRaises(ValueError) as caught):
+      sweep.run(er, seeds, out, vectorize="on")
+    train_one.assert_not_called()
+    many.assert_not_called()
+    message = str(caught.exception)
+    self.assertStartsWith(message, 'vectorize=on: the block of 2 points from {"seed": 0} cannot '
+                          "run as one program: member 1's graph has other neighbour lists")
+    self.assertNotIn("\n", message)
+    self.assertEqual(workdir_lib.read_jsonl(out), [])
+    self.assertFalse(os.path.exists(out + ".lock"))
+
+    with (mock.patch.object(sweep, "train_one", return_value=dict(DONE)) as train_one,
+          self.assertLogs("absl", level="INFO") as logs):
+      rows = sweep.run(er, seeds, out)
+    self.assertEqual(train_one.call_count, 2)
+    refused = [line for line in logs.output if "runs sequentially" in line]
+    self.assertLen(refused, 1, logs.output)
+    self.assertIn("other neighbour lists", refused[0])
+    self.assertEqual([r["status"] for r in rows], ["ok", "ok"])
+    with self.assertRaisesRegex(ValueError, "vectorize='sometimes' is not one of auto, on, off"):
+      sweep.run(er, seeds, out, vectorize="sometimes")
+
+  def test_a_rerun_trains_only_the_unfinished_members_of_a_block(self):
+    out = os.path.join(self._tmp(), "sweep.jsonl")
+    grid = sweep.points({"seed": [0, 1, 2, 3]})
+    for point in grid[::2]:  # seeds 0 and 2 finished
+      workdir_lib.append_jsonl(out, {"key": sweep.run_key(point), "overrides": point,
+                                     "config": sweep.config_for(BASE, point), **DONE})
+    history = [{"step": 0, "test_acc_mean": 0.25, "loss": float("nan")}]
+    got = [vectorize.MemberHistory(history),
+           vectorize.MemberHistory([], "diverged", 3, "non-finite loss at step 3; details\nmore")]
+    with (mock.patch.object(sweep.vectorize_lib, "train_and_evaluate_many",
+                            return_value=got) as many,
+          mock.patch.object(sweep, "train_one") as train_one,
+          self.assertLogs("absl", level="WARNING")):
+      rows = sweep.run(BASE, grid, out, vectorize="on")
+    train_one.assert_not_called()
+    many.assert_called_once()
+    self.assertEqual([m["seed"] for m in many.call_args.args[1]], [1, 3])
+    self.assertEqual([r["key"] for r in rows], [sweep.run_key(p) for p in grid])
+    self.assertEqual([r["status"] for r in rows], ["ok", "ok", "ok", "diverged"])
+    self.assertEqual(rows[1]["history"], [{"step": 0, "test_acc_mean": 0.25, "loss": None}])
+    self.assertEqual(sorted(rows[3]), ["config", "error", "key", "overrides", "status",
+                                       "wall_time_s"])  # as a sequential run that raised
+    self.assertEqual(rows[3]["error"], "FloatingPointError: non-finite loss at step 3; details")
+    self.assertLen(_lines(out), 4)
+    with mock.patch.object(sweep.vectorize_lib, "train_and_evaluate_many") as many:
+      self.assertEqual(sweep.run(BASE, grid, out), rows)  # all finished: nothing trains
+    many.assert_not_called()
+
+  def test_a_block_that_fails_runs_its_points_one_by_one(self):
+    out = os.path.join(self._tmp(), "sweep.jsonl")
+    with (mock.patch.object(sweep.vectorize_lib, "train_and_evaluate_many",
+                            side_effect=RuntimeError("out of memory\ndetails")),
+          mock.patch.object(sweep, "train_one", return_value=dict(DONE)) as train_one,
+          self.assertLogs("absl", level="WARNING") as logs):
+      rows = sweep.run(BASE, GRID, out)
+    self.assertEqual(train_one.call_count, 4)
+    self.assertTrue(any("RuntimeError: out of memory); its runs go one by one" in line
+                        for line in logs.output), logs.output)
+    self.assertEqual([r["status"] for r in rows], ["ok"] * 4)
 
 
 class CurvesTest(absltest.TestCase):
