@@ -91,19 +91,108 @@ def _acc(x):
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _keep_largest(x, score, k: int):
-  """x with all but the k entries of largest ``score`` zeroed, ties to the lower index.
+_CHUNK = 32  # entries per partial count, at most 127 (int8)
+_WAYS = 8  # a selection round splits the candidate thresholds into this many parts
 
-  A stable sort rather than ``lax.top_k``: XLA partitions a sort over a sharded agent axis,
-  but gathers every agent's copy onto every device for a TopK (on CPU at least).
+
+def _counts(mask):
+  """[m] counts of the True entries of the [n, m] ``mask`` over its first axis (n a multiple of
+  _CHUNK).
+
+  Counted in int8 over chunks first: XLA:CPU fuses the mask into these short sums and runs them
+  several times faster than one long int32 sum, which it splits and materialises the mask for.
   """
-  idx = jnp.argsort(-score, stable=True)[:k]
-  return jnp.zeros_like(x).at[idx].set(x[idx])
+  chunks = jnp.sum(mask.reshape(-1, _CHUNK, mask.shape[-1]), axis=1, dtype=jnp.int8)
+  return jnp.sum(chunks, axis=0, dtype=jnp.int32)
+
+
+def _rounds(span: int) -> int:
+  """Rounds of :func:`_largest_passing` that narrow ``span + 1`` candidates down to one."""
+  rounds = 0
+  while span > 0:
+    span //= _WAYS
+    rounds += 1
+  return rounds
+
+
+def _largest_passing(count_ge, k, lo, hi, c_lo, c_hi, loop):
+  """The largest t in [lo, hi] with count_ge(t) >= k, count_ge non-increasing, given
+  c_lo = count_ge(lo) >= k > c_hi = count_ge(hi + 1); returns (t, count_ge(t), count_ge(t + 1)).
+
+  Each round counts at _WAYS - 1 thresholds in one pass over the data and keeps the part that
+  holds t: a third of a bisection's passes, whose memory traffic dominates their cost.
+  ``count_ge`` maps [m] thresholds to [m] counts; ``loop`` is an int (that many rounds) or None
+  (rounds until lo == hi: batched over agents, until it holds for all of them).
+  """
+  m = _WAYS - 1
+
+  def body(state):
+    lo, hi, c_lo, c_hi = state
+    span = hi - lo  # thresholds lo + ceil(i span / _WAYS) for i = 1..m, ascending, no overflow
+    q, r = span // _WAYS, span % _WAYS
+    i = jnp.arange(1, _WAYS, dtype=lo.dtype)
+    mids = lo + i * q + (i * r + m) // _WAYS
+    c = count_ge(mids)
+    ok = c >= k  # true then false along the thresholds
+    return (jnp.max(jnp.where(ok, mids, lo)), jnp.min(jnp.where(ok, hi, mids - 1)),
+            jnp.min(jnp.where(ok, c, c_lo)), jnp.max(jnp.where(ok, c_hi, c)))
+
+  state = (lo, hi, c_lo, c_hi)
+  if loop is None:
+    state = jax.lax.while_loop(lambda s: s[0] < s[1], body, state)
+  else:
+    state = jax.lax.fori_loop(0, loop, lambda _, s: body(s), state)
+  lo, _, c_lo, c_hi = state
+  return lo, c_lo, c_hi
+
+
+def _order_bits(score):
+  """|score| (float32 at least: float16 and bfloat16 are widened exactly) viewed as a signed
+  integer of its width with the sign bit cleared: non-negative, and ordered as the magnitudes
+  are (+0 lowest, then the subnormals, normals, inf, and NaN above all)."""
+  score = _acc(score)
+  itype = jnp.int64 if score.dtype == jnp.float64 else jnp.int32
+  return jax.lax.bitcast_convert_type(score, itype) & jnp.iinfo(itype).max
+
+
+def _keep_largest(x, score, k: int):
+  """x with all but the k entries of largest ``|score|`` zeroed, ties to the lower index: the
+  entries a stable descending sort of ``|score|`` puts first (NaN above inf).
+
+  Neither a sort nor ``lax.top_k``, which XLA partitions badly over a sharded agent axis (a
+  TopK gathers every agent's copy onto every device) and both run slowly on CPU. Instead the
+  k-th largest magnitude t, found exactly on the bits of |score| (for non-negative floats their
+  integer view is order-preserving) by a multiway bisection; then the entries above t and, of
+  those equal to t, the first ones, cut at an index found the same way (skipped, for all agents
+  once batched, unless some agent has more ties at t than it can keep). Only elementwise ops
+  and sums along the vector, so it batches and partitions over agents.
+  """
+  n = x.size
+  padded = -(-n // _CHUNK) * _CHUNK
+  # padding is -1, never counted; materialised once, as XLA would otherwise fuse a costly
+  # score (random bits) into every use
+  bits = jax.lax.optimization_barrier(
+      jnp.pad(_order_bits(score), (0, padded - n), constant_values=-1))
+  top = jnp.iinfo(bits.dtype).max
+  zero, count0 = jnp.zeros((), bits.dtype), jnp.int32(0)
+  t, c_ge, c_gt = _largest_passing(lambda mids: _counts(bits[:, None] >= mids), k, zero,
+                                   jnp.array(top, bits.dtype), jnp.int32(n), count0,
+                                   _rounds(top))
+  # keep the tied entries up to index p, the (c_ge - k + 1)-th largest index among them
+  idx = jnp.arange(padded, dtype=jnp.int32)
+  tied = bits == t
+  surplus = c_ge > k
+  p, _, _ = _largest_passing(lambda mids: _counts(tied[:, None] & (idx[:, None] >= mids)),
+                             c_ge - k + 1, jnp.where(surplus, 0, n).astype(jnp.int32),
+                             jnp.where(surplus, n - 1, n).astype(jnp.int32), c_ge - c_gt, count0,
+                             None)
+  keep = ((bits > t) | (tied & (idx <= p)))[:n]
+  return jnp.where(keep, x, jnp.zeros_like(x))
 
 
 def top_k(x, k: int):
   """x with all but its k largest-magnitude entries zeroed (x: a vector)."""
-  return _keep_largest(x, jnp.abs(x), k)
+  return _keep_largest(x, x, k)
 
 
 def random_k(x, k: int, key):

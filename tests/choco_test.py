@@ -11,9 +11,10 @@ import numpy as np
 import optax
 from absl.testing import absltest, parameterized
 
-from drt_jax import compression, topology
+from drt_jax import backends, compression, topology
 from drt_jax.algorithms import compressed as choco_lib
 from drt_jax.algorithms import diffusion
+from tests import fixtures
 
 _K = 8
 _COMPRESSORS = compression.COMPRESSORS
@@ -55,6 +56,98 @@ def _np_compress(v, name, ratio):
   idx = np.argsort(-np.abs(v))[:k]
   out[idx] = v[idx]
   return out
+
+
+def _np_keep_largest(x, score, k):
+  """x with all but the first k entries of a stable descending sort of |score| zeroed."""
+  idx = np.argsort(-np.abs(np.asarray(score, np.float64)), kind="stable")[:k]
+  out = np.zeros_like(x)
+  out[idx] = x[idx]
+  return out
+
+
+def _tied_rows(n, seed):
+  """Rows of n entries: many ties (zeros among them), distinct values, all equal, all zero."""
+  rng = np.random.default_rng(seed)
+  rows = [rng.integers(-3, 4, n) * 0.5, rng.integers(-1, 2, n) * 1.0, rng.standard_normal(n),
+          np.full(n, -2.0), np.zeros(n),
+          np.where(rng.random(n) < 0.5, np.inf, rng.standard_normal(n))]
+  return np.stack(rows).astype(np.float32)
+
+
+def _ks(n):
+  """The k to check on n entries: 1, 2, n / 3, n - 1 and n."""
+  return sorted({1, 2, n // 3, n - 1, n} & set(range(1, n + 1)))
+
+
+class SelectionTest(parameterized.TestCase):
+  """top_k and random_k select by bisection, not by sorting: the same entries as a stable sort."""
+
+  @parameterized.parameters(1, 7, 33, 300)
+  def test_top_k_equals_a_stable_argsort(self, n):
+    rows = _tied_rows(n, seed=n)
+    for k in _ks(n):
+      out = np.asarray(jax.jit(jax.vmap(lambda v, k=k: compression.top_k(v, k)))(rows))
+      for row, got in zip(rows, out, strict=True):
+        np.testing.assert_array_equal(got, _np_keep_largest(row, row, k), f"n={n} k={k}")
+      self.assertTrue(np.all((out != 0).sum(axis=1) <= k))
+
+  @parameterized.parameters(1, 7, 33, 300)
+  def test_random_k_equals_a_stable_argsort_of_its_uniform_draws(self, n):
+    rows = _tied_rows(n, seed=n + 1)
+    keys = jax.random.split(jax.random.key(n), len(rows))
+    for k in _ks(n):
+      out = np.asarray(jax.jit(jax.vmap(lambda v, key, k=k: compression.random_k(v, k, key)))(
+          rows, keys))
+      for row, key, got in zip(rows, keys, out, strict=True):
+        u = np.asarray(jax.random.uniform(key, (n,)))
+        np.testing.assert_array_equal(got, _np_keep_largest(row, u, k), f"n={n} k={k}")
+
+  def test_ties_on_uniform_draws_go_to_the_lower_index(self):
+    # 3 of 2^23 float32 uniform values: collisions at the threshold do happen, keep exactly k
+    score = jnp.array([0.5, 0.25, 0.5, 0.5, 0.75, 0.25], jnp.float32)
+    x = jnp.arange(1.0, 7.0)
+    for k, want in ((1, [0, 0, 0, 0, 5, 0]), (2, [1, 0, 0, 0, 5, 0]), (3, [1, 0, 3, 0, 5, 0]),
+                    (5, [1, 2, 3, 4, 5, 0])):
+      np.testing.assert_array_equal(compression._keep_largest(x, score, k), want)
+
+  def test_nan_counts_as_largest_and_half_precision_is_exact(self):
+    np.testing.assert_array_equal(compression.top_k(jnp.array([1.0, jnp.nan, -3.0]), 1),
+                                  [0, np.nan, 0])
+    rows = _tied_rows(300, seed=4)
+    for dtype in (jnp.float16, jnp.bfloat16):
+      x = jnp.asarray(rows, dtype)
+      out = compression.compress_stacked(compression.make("top_k", ratio=0.1), {"w": x},
+                                         jax.random.key(0))["w"]
+      self.assertEqual(out.dtype, dtype)
+      want = [_np_keep_largest(r, r, 30) for r in np.asarray(x, np.float32)]
+      np.testing.assert_array_equal(np.asarray(out, np.float32), want)
+
+  def test_float64_is_not_rounded_to_float32(self):
+    with jax.enable_x64(True):
+      x = 1.0 + np.arange(8) * 1e-12  # equal in float32
+      perm = np.random.default_rng(0).permutation(8)
+      out = np.asarray(compression.top_k(jnp.asarray(x[perm]), 3))
+    np.testing.assert_array_equal(out, _np_keep_largest(x[perm], x[perm], 3))
+    self.assertEqual(set(out[out != 0]), set(x[-3:]))
+
+  @parameterized.parameters("top_k", "random_k")
+  def test_sharded_agents_select_alike_and_gather_nothing(self, name):
+    k_count = 8
+    self.assertGreaterEqual(jax.device_count(), k_count)
+    rng = np.random.default_rng(5)
+    tree = {"w": jnp.asarray(rng.integers(-4, 5, (k_count, 40, 25)), jnp.float32),
+            "b": jnp.asarray(rng.standard_normal((k_count, 25)), jnp.float32)}
+    q = compression.make(name, ratio=0.1)
+    fn = jax.jit(lambda t, key: compression.compress_stacked(q, t, key))
+    key = jax.random.key(1)
+    split = backends.place(tree, "shard", k_count)
+    out = fn(split, key)
+    self.assertEqual(len(out["w"].sharding.device_set), k_count)  # the agents stayed split
+    chex.assert_trees_all_equal(jax.tree.map(backends.to_host, out), fn(tree, key))
+    hlo = fn.lower(split, key).compile().as_text()
+    gathered = fixtures.collectives(hlo)["all-gather"]
+    self.assertEmpty([s for s in gathered if fixtures.elements(s) >= 25], gathered)
 
 
 class CompressorTest(parameterized.TestCase):
