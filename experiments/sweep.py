@@ -14,7 +14,9 @@ compiles once.
 
 ``--vectorize`` (default ``auto``) trains points that differ only in
 :data:`drt_jax.vectorize.VECTORIZED_FIELDS` (seeds, learning rates, DRT strengths, weights,
-partitions) as one program (:func:`drt_jax.vectorize.train_and_evaluate_many`). The points still to
+partitions) as one program (:func:`drt_jax.vectorize.train_and_evaluate_many`); ``auto`` does so
+on a GPU or TPU (:data:`AUTO_PLATFORMS`) and trains point by point on a CPU, where the program over
+several members was measured no faster per member (``on`` forces it anywhere). The points still to
 run are grouped into *blocks*: points whose resolved configs agree on every other field. A block of
 two or more runs vectorised; a block of one, and a block that :func:`drt_jax.vectorize.vectorizable`
 refuses (a random graph drawn from the seed, several processes; one log line says why), runs
@@ -63,6 +65,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
+import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -261,9 +264,10 @@ def run(base, overrides_list: Sequence[Mapping], out: str, *, workdir_root: str 
       ``<workdir_root>/<safe_name(key)>``.
     metrics: history metrics to keep (None: every scalar metric; step and epoch always).
     vectorize: ``"auto"`` trains each block of two or more unfinished points (:func:`blocks`)
-      as one program and the rest one by one; ``"on"`` too, but a block that cannot be
-      vectorised is an error; ``"off"`` trains every point on its own (see the module
-      docstring for the order of the appended rows).
+      as one program and the rest one by one, on a GPU or TPU (on a CPU, point by point);
+      ``"on"`` does so anywhere, and a block that cannot be vectorised is an error; ``"off"``
+      trains every point on its own (see the module docstring for the order of the appended
+      rows).
 
   Returns:
     One row per distinct point, in order: the stored one for skipped points, else the new one.
@@ -289,8 +293,20 @@ def _finished(row: dict) -> bool:
           and (row["status"] != "ok" or isinstance(row.get("final"), dict)))
 
 
+# Where ``auto`` vectorises. On a 2-core CPU one program over S members was not faster per member
+# than S runs one after another (0.59x-1.00x at S = 4..16, benchmarks/sweeps.py): the cores are
+# already busy with one run, and the wider program compiles slower.
+AUTO_PLATFORMS = ("gpu", "tpu")
+
+
 def _plan(base, todo: list[dict], vectorize: str) -> list[list[dict]]:
   """``todo`` in the blocks that run: those of two or more points run vectorised."""
+  if vectorize == "auto" and jax.default_backend() not in AUTO_PLATFORMS:
+    if len(todo) > 1:
+      logging.info("vectorize=auto on %s trains the points one by one (vectorising is not "
+                   "faster here: benchmarks/sweeps.py); --vectorize=on forces it",
+                   jax.default_backend())
+    vectorize = "off"
   if vectorize == "off":
     return [[overrides] for overrides in todo]
   plan = []
@@ -561,9 +577,10 @@ def define_flags() -> None:
   flags.DEFINE_string("out", "runs/sweep.jsonl", "JSONL file the runs are appended to.")
   flags.DEFINE_string("workdir_root", "", "If set, each run's metrics.jsonl and config.json go "
                       "to <workdir_root>/<run name>.")
-  flags.DEFINE_enum("vectorize", "auto", VECTORIZE, "auto: train each block of points that differ "
-                    "only in vectorisable fields (seed, learning_rate, drt.strength, ...) as one "
-                    "program, the rest one by one; on: a block that cannot be vectorised is an "
+  flags.DEFINE_enum("vectorize", "auto", VECTORIZE, "auto: on a GPU or TPU, train each block of "
+                    "points that differ only in vectorisable fields (seed, learning_rate, "
+                    "drt.strength, ...) as one program, the rest one by one (on a CPU, one by "
+                    "one); on: a block that cannot be vectorised is an "
                     "error; off: every point on its own.")
   flags.DEFINE_integer("host_devices", 8, "Virtual CPU devices, so that the 'auto' back-end "
                        "shards the agents over them; no effect on a GPU or TPU.")

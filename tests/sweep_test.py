@@ -295,6 +295,7 @@ class VectorizedSweepTest(_TempDirs):
     out = os.path.join(self._tmp(), "sweep.jsonl")
     with (mock.patch.object(sweep.vectorize_lib, "train_and_evaluate_many",
                             wraps=vectorize.train_and_evaluate_many) as many,
+          mock.patch.object(sweep, "AUTO_PLATFORMS", ("cpu",)),  # auto as on an accelerator
           self.assertLogs("absl", level="WARNING")):
       rows = sweep.run(BASE, grid, out)  # auto
     self.assertEqual([len(c.args[1]) for c in many.call_args_list], [4, 4])
@@ -325,6 +326,7 @@ class VectorizedSweepTest(_TempDirs):
     self.assertFalse(os.path.exists(out + ".lock"))
 
     with (mock.patch.object(sweep, "train_one", return_value=dict(DONE)) as train_one,
+          mock.patch.object(sweep, "AUTO_PLATFORMS", ("cpu",)),
           self.assertLogs("absl", level="INFO") as logs):
       rows = sweep.run(er, seeds, out)
     self.assertEqual(train_one.call_count, 2)
@@ -334,6 +336,19 @@ class VectorizedSweepTest(_TempDirs):
     self.assertEqual([r["status"] for r in rows], ["ok", "ok"])
     with self.assertRaisesRegex(ValueError, "vectorize='sometimes' is not one of auto, on, off"):
       sweep.run(er, seeds, out, vectorize="sometimes")
+
+  def test_auto_trains_point_by_point_on_a_cpu(self):
+    # Measured no faster per member there (benchmarks/sweeps.py), so auto does not pick it.
+    self.assertNotIn("cpu", sweep.AUTO_PLATFORMS)
+    out = os.path.join(self._tmp(), "sweep.jsonl")
+    with (mock.patch.object(sweep, "train_one", return_value=dict(DONE)) as train_one,
+          mock.patch.object(sweep.vectorize_lib, "train_and_evaluate_many") as many,
+          self.assertLogs("absl", level="INFO") as logs):
+      sweep.run(BASE, sweep.points({"seed": [0, 1, 2]}), out)
+    self.assertEqual(train_one.call_count, 3)
+    many.assert_not_called()
+    self.assertTrue(any("vectorize=auto on cpu trains the points one by one" in line
+                        for line in logs.output), logs.output)
 
   def test_a_rerun_trains_only_the_unfinished_members_of_a_block(self):
     out = os.path.join(self._tmp(), "sweep.jsonl")
@@ -369,7 +384,7 @@ class VectorizedSweepTest(_TempDirs):
                             side_effect=RuntimeError("out of memory\ndetails")),
           mock.patch.object(sweep, "train_one", return_value=dict(DONE)) as train_one,
           self.assertLogs("absl", level="WARNING") as logs):
-      rows = sweep.run(BASE, GRID, out)
+      rows = sweep.run(BASE, GRID, out, vectorize="on")
     self.assertEqual(train_one.call_count, 4)
     self.assertTrue(any("RuntimeError: out of memory); its runs go one by one" in line
                         for line in logs.output), logs.output)
