@@ -112,6 +112,12 @@ bench r20_k64_bf16_dwtaps 60 --models resnet20 --ks 64 --backends vmap --baselin
 #     both algorithms' own steps timed alone (is it DRT's work or the programs' conv tuning?).
 bench cnn_k64_drt 45 --models cnn --ks 64 --backends vmap --baselines= --compare drt \
   --steps 10 --warmup 2 --case_budget_s 3 --conv xla --profile_steps 3
+# 1e. A sweep of S = 1, 4, 16 members (seeds) of the small CNN at K = 16, 200 steps each: the
+#     members one after another against one vectorised program (drt_jax.vectorize), compile
+#     included, each mode and size in a fresh process (target: >= 5x per member at S = 16).
+t=$(left 150) && { timeout -k 10 "$t" "$PY" -m benchmarks.sweeps --model cnn --k 16 \
+  --sizes 1,4,16 --steps 200 --case_timeout_s 60 --out "$OUT/sweeps.json" > "$OUT/sweeps.log" 2>&1
+  ran sweeps $?; grep -E "^(\||Sweep of)" "$OUT/sweeps.log"; }
 # 2b. The Pallas kernel's launch settings timed, per stage: conv_grad.LAUNCH's pick (plain
 #     `dw_pallas`; picked from Triton's register and shared-memory report by a rule, untimed)
 #     against the rule's runners-up, with `grouped` for the gradients' check.

@@ -199,5 +199,37 @@ class AlgorithmsSmokeTest(absltest.TestCase):
                      [{k: v for k, v in r.items() if not k.endswith("_vs_atc")} for r in rows])
 
 
+class SweepsSmokeTest(absltest.TestCase):
+
+  def test_both_modes_are_timed_per_size_with_compile_included(self):
+    result, lines = _measured(self, "sweeps", "--smoke", timeout=300)
+    rows = result["rows"]
+    self.assertEqual(result["settings"]["sizes"], [1, 2])
+    self.assertEqual([(r["S"], r["mode"]) for r in rows],
+                     [(1, "sequential"), (1, "vectorised"), (2, "sequential"), (2, "vectorised")])
+    self.assertEqual(result["machine"]["platform"], "cpu")
+    for r in rows:
+      self.assertEqual(r["status"], "ok", r)
+      self.assertEqual(r["members"], [{"seed": s} for s in range(r["S"])])
+      self.assertEqual(r["member_status"], ["ok"] * r["S"])
+      for field in ("total_s", "per_member_s", "seq_over_vec"):
+        self.assertTrue(math.isfinite(r[field]) and r[field] > 0, (r["S"], r["mode"], field))
+      self.assertAlmostEqual(r["per_member_s"], r["total_s"] / r["S"])
+    for size in (1, 2):
+      seq, vec = (next(r for r in rows if (r["S"], r["mode"]) == (size, m))
+                  for m in ("sequential", "vectorised"))
+      self.assertLen(seq["runs_s"], size)  # each sequential run timed, the first compiling
+      self.assertAlmostEqual(seq["seq_over_vec"], seq["per_member_s"] / vec["per_member_s"])
+      self.assertEqual(vec["seq_over_vec"], seq["seq_over_vec"])
+      # The same members trained either way reach the same accuracy (to a prediction or so).
+      for a, b in zip(seq["final_test_acc"], vec["final_test_acc"]):
+        self.assertAlmostEqual(a, b, delta=0.01)
+    self.assertIn("| 2 | vectorised |", result["table"])
+    # The JSONL stream: the machine line, then each case as it finished (before its ratio).
+    self.assertIn("machine", lines[0])
+    self.assertEqual([ln for ln in lines if "mode" in ln],
+                     [{k: v for k, v in r.items() if k != "seq_over_vec"} for r in rows])
+
+
 if __name__ == "__main__":
   absltest.main()
