@@ -108,21 +108,11 @@ class MemberHistory(list):
     self.status, self.diverged_step, self.error = status, diverged_step, error
 
 
-def _flat(d: Mapping, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, Mapping):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out
-
-
 def member_config(config, overrides: Mapping) -> ml_collections.ConfigDict:
   """The resolved config of one member: ``config`` with ``overrides`` (dotted names, or nested
   dicts) applied."""
   d = config_lib.resolve(config).to_dict()
-  for field, value in _flat(overrides).items():
+  for field, value in workdir_lib.flatten(overrides).items():
     *parents, leaf = field.split(".")
     node = d
     for name in parents:
@@ -149,9 +139,9 @@ def _configs(config, members) -> list[ml_collections.ConfigDict]:
 
 
 def _check_configs(configs: list[ml_collections.ConfigDict]) -> None:
-  first = _flat(configs[0].to_dict())
+  first = workdir_lib.flatten(configs[0].to_dict())
   for i, c in enumerate(configs[1:], 1):
-    flat = _flat(c.to_dict())
+    flat = workdir_lib.flatten(c.to_dict())
     for field in sorted(set(first) | set(flat)):
       was, now = first.get(field, "<absent>"), flat.get(field, "<absent>")
       if was != now and field not in VECTORIZED_FIELDS:

@@ -20,6 +20,7 @@ import math
 import os
 import socket
 import time
+from collections.abc import Mapping
 
 import ml_collections
 import numpy as np
@@ -126,7 +127,7 @@ def _read_config(path: str) -> tuple[dict | None, str]:
 
 
 def _first_difference(old: dict, new: dict) -> str:
-  flat_old, flat_new = _flatten(old), _flatten(new)
+  flat_old, flat_new = flatten(old), flatten(new)
   field = next(k for k in sorted(set(flat_old) | set(flat_new))
                if flat_old.get(k, "<absent>") != flat_new.get(k, "<absent>"))
   was, now = flat_old.get(field, "<absent>"), flat_new.get(field, "<absent>")
@@ -299,11 +300,13 @@ def lock(workdir):
     release_lock(path)
 
 
-def _flatten(d, prefix=""):
+def flatten(d: Mapping, prefix: str = "") -> dict:
+  """A nested mapping (a config as a dict) with dotted keys: ``{"drt": {"floor": 0.05}}`` ->
+  ``{"drt.floor": 0.05}``."""
   out = {}
   for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
+    if isinstance(v, Mapping):
+      out.update(flatten(v, f"{prefix}{k}."))
     else:
       out[prefix + k] = v
   return out

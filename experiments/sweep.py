@@ -152,16 +152,6 @@ def check(base, overrides_list: Sequence[Mapping]) -> None:
       raise ValueError(f"grid point {run_key(overrides)}: {first}") from e
 
 
-def _flat(d: Mapping, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, Mapping):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out
-
-
 def blocks(base, overrides_list: Sequence[Mapping]) -> list[list[dict]]:
   """The points in blocks whose resolved configs differ only in ``VECTORIZED_FIELDS``.
 
@@ -174,7 +164,7 @@ def blocks(base, overrides_list: Sequence[Mapping]) -> list[list[dict]]:
   """
   groups: dict[str, list[dict]] = {}
   for overrides in overrides_list:
-    flat = _flat(config_lib.resolve(config_for(base, overrides)).to_dict())
+    flat = workdir_lib.flatten(config_lib.resolve(config_for(base, overrides)).to_dict())
     shape = {k: v for k, v in flat.items() if k not in vectorize_lib.VECTORIZED_FIELDS}
     groups.setdefault(json.dumps(shape, sort_keys=True, default=str), []).append(dict(overrides))
   return list(groups.values())
@@ -223,7 +213,7 @@ def train_one(config: dict, workdir: str | None = None, metrics: Sequence[str] |
 def _as_members(resolved: Sequence[dict]) -> tuple[dict, list[dict]]:
   """A block's resolved configs as ``train_and_evaluate_many``'s base and members: the first
   config, and each point's values of the vectorised fields (the rest is the same in a block)."""
-  flats = [_flat(c) for c in resolved]
+  flats = [workdir_lib.flatten(c) for c in resolved]
   members = [{f: flat[f] for f in vectorize_lib.VECTORIZED_FIELDS if f in flat}
              for flat in flats]
   return dict(resolved[0]), members
