@@ -18,9 +18,10 @@ _MODELS = (
     ("resnet20_28x28x1", "resnet20", {"input_shape": (28, 28, 1)}),
     ("cnn", "cnn", {}),
     ("cnn_bn", "cnn", {"batch_norm": True}),
+    ("convnet", "convnet", {}),
     ("mlp", "mlp", {}),
 )
-_STATEFUL = ("resnet20", "cnn_bn")
+_STATEFUL = ("resnet20", "cnn_bn", "convnet")
 
 
 def _make(test_name):
@@ -57,6 +58,21 @@ class ModelsTest(chex.TestCase):
   )
   def test_param_count(self, name, low, high):
     self.assertBetween(_num_params(models.make(name).init(jax.random.key(0))), low, high)
+
+  def test_convnet_spreads_its_parameters(self):
+    # The study's "layer-wise can matter" network: no layer holds more than half the parameters.
+    from drt_jax import combine  # noqa: PLC0415
+
+    params = models.make("convnet").init(jax.random.key(0))["params"]
+    sizes = combine.layer_sizes(params, combine.layer_names(params), stacked=False)
+    self.assertEqual(sum(sizes.values()), 9_346)
+    self.assertLess(max(sizes.values()) / sum(sizes.values()), 0.5)
+    self.assertLen([n for n in sizes if n.startswith("BatchNorm")], 4)
+
+  def test_convnet_needs_one_stride_per_conv(self):
+    model = models.make("convnet", features=(4, 4), strides=(2,))
+    with self.assertRaisesRegex(ValueError, "one stride per conv"):
+      model.init(jax.random.key(0))
 
   def test_default_input_shapes(self):
     self.assertEqual(models.make("resnet20").input_shape, (32, 32, 3))
@@ -103,11 +119,11 @@ class ModelsTest(chex.TestCase):
     self.assertEqual(model.apply(variables, _batch(model), True)[1], {})
 
   def test_names(self):
-    self.assertEqual(models.NAMES, ("cnn", "mlp", "resnet20"))
+    self.assertEqual(models.NAMES, ("cnn", "convnet", "mlp", "resnet20"))
 
   def test_unknown_name(self):
     with self.assertRaisesWithLiteralMatch(
-        ValueError, "unknown model 'foo'; expected one of: cnn, mlp, resnet20"):
+        ValueError, "unknown model 'foo'; expected one of: cnn, convnet, mlp, resnet20"):
       models.make("foo")
 
 
