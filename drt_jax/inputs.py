@@ -178,7 +178,8 @@ def bytes_per_device(tree) -> dict:
 
 def eval_sets(c: ml_collections.ConfigDict, prepared: Prepared) -> dict[str, EvalSet]:
   """The held-out sets a run evaluates: ``test``, a fixed ``train`` subset (for the
-  generalization gap) and ``val`` when a validation split is held out."""
+  generalization gap), ``val`` when a validation split is held out, and ``test_full`` (the whole
+  test split, at the last step only) with ``config.final_full_test``."""
   d = prepared.data
   sets = {"test": eval_set(d.test_images, d.test_labels, c.eval_examples, c.eval_batch_size,
                            c.seed),
@@ -186,4 +187,14 @@ def eval_sets(c: ml_collections.ConfigDict, prepared: Prepared) -> dict[str, Eva
                             c.eval_batch_size, c.seed + 1)}
   if prepared.validation is not None:
     sets["val"] = eval_set(*prepared.validation, c.eval_examples, c.eval_batch_size, c.seed + 2)
+  if c.final_full_test:  # evaluated at the last step only (see FINAL_SETS)
+    sets["test_full"] = eval_set(d.test_images, d.test_labels, 0, c.eval_batch_size, c.seed)
   return sets
+
+
+FINAL_SETS = ("test_full",)  # the evaluation sets of the last step only
+
+
+def sets_at(c: ml_collections.ConfigDict, step: int, names) -> list[str]:
+  """The evaluation sets of ``names`` that an evaluation at ``step`` computes."""
+  return [n for n in names if n not in FINAL_SETS or step == c.num_steps]

@@ -248,9 +248,10 @@ class _Evaluator:
 
   def row(self, state: step_lib.TrainState, step: int) -> dict:
     run = self.run
-    sums = {name: backends.to_host(run.programs.evaluate(state.params, state.model_state, ev,
-                                                         run.dev.mean, run.dev.std))
-            for name, ev in run.eval_sets.items()}
+    sums = {name: backends.to_host(run.programs.evaluate(state.params, state.model_state,
+                                                         run.eval_sets[name], run.dev.mean,
+                                                         run.dev.std))
+            for name in inputs.sets_at(self.c, step, run.eval_sets)}
     pm = backends.to_host(run.programs.param_metrics(state.params, state.model_state,
                                                      state.alg_state, run.topology))
     return self.make_row(sums, pm, step)
@@ -281,6 +282,11 @@ class _Evaluator:
             "val_loss_mean": float(np.mean(sums["val"]["loss"][h]) / n["val"]),
             "centroid_val_acc": float(sums["val"]["centroid_correct"] / n["val"])}
            if "val" in sums else {}),
+        **({"final_test_acc_mean": float(np.mean(full["correct"][h]) / n["test_full"]),
+            "final_test_loss_mean": float(np.mean(full["loss"][h]) / n["test_full"]),
+            "final_centroid_test_acc": float(full["centroid_correct"] / n["test_full"]),
+            "final_output_disagreement": float(full["disagreement"] / n["test_full"])}
+           if (full := sums.get("test_full")) is not None else {}),
         **({**{k: self._mean(k) for k in ("dropped_agents", "failed_links", "stragglers")},
             "byzantine": self.faults.byzantine} if self.faults is not None else {}),
         "bytes_per_agent_step": run.bytes_sent,

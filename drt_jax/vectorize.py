@@ -578,7 +578,8 @@ def _run_block(shared: _Shared, block: list[_Member], compiled, verbose: bool,
   def evaluate(step, who):
     sums = {name: backends.to_host(evaluate_prog(states.params, states.model_state, ev, d.mean,
                                                  d.std, ev_axis=ev_axis, stats_axis=axes.mean))
-            for name, (ev, ev_axis) in eval_sets.items()}
+            for name, (ev, ev_axis) in eval_sets.items()
+            if name in inputs.sets_at(c, step, eval_sets)}
     pm = backends.to_host(metrics_prog(states.params, states.model_state, states.alg_state,
                                        topo))
     for s in who:

@@ -30,7 +30,10 @@ TITLES = {
     "gen_gap": "generalization gap (train - test acc)",
     "consensus_distance": "consensus distance",
     "output_disagreement": "output disagreement",
+    "train_loss": "training loss (mean over agents)",
+    "self_weight_mean": "self-weight (parameter-weighted)",
 }
+_LOG_METRICS = ("consensus", "disagreement", "loss")
 # Columns of summary(): (header, how a run gives the value, number format).
 _COLUMNS = (
     ("final test acc", lambda r: r["final"].get("test_acc_mean"), ".4f"),
@@ -121,25 +124,32 @@ def summary(groups: dict[str, list[dict]]) -> str:
 
 
 def plot(groups: dict[str, list[dict]], path: str,
-         metrics: Sequence[str] = DEFAULT_METRICS) -> str:
-  """One PNG: a panel per metric, a line per group (mean over seeds, shaded ± std)."""
-  fig = Figure(figsize=(4 * len(metrics), 3.2))
+         metrics: Sequence[str] = DEFAULT_METRICS, title: str | None = None) -> str:
+  """One PNG: a panel per metric, a line per group (mean over seeds, shaded ± std), under
+  ``title``. Distances and losses are drawn on a log axis, from their first positive value (agents
+  that start equal have distance 0 at step 0, which a log axis cannot show)."""
+  fig = Figure(figsize=(4 * len(metrics), 3.4 if title else 3.2))
   axes = fig.subplots(1, len(metrics), squeeze=False)
   for ax, metric in zip(axes[0], metrics):
-    log = "consensus" in metric or "disagreement" in metric  # distances: >= 0, many decades
+    log = any(w in metric for w in _LOG_METRICS)  # >= 0, many decades
     for label, rows in groups.items():
       steps, mean, std = curves(rows, metric)
+      if log:
+        keep = mean > 0
+        steps, mean, std = steps[keep], mean[keep], std[keep]
       if not len(steps):
         continue
       (line,) = ax.plot(steps, mean, label=label)
-      low = np.maximum(mean - std, 0.0) if log else mean - std
+      low = np.maximum(mean - std, mean * 0.1) if log else mean - std
       ax.fill_between(steps, low, mean + std, color=line.get_color(), alpha=0.2, lw=0)
     ax.set_title(TITLES.get(metric, metric), fontsize=10)
     ax.set_xlabel("step")
     if log:
-      ax.set_yscale("symlog", linthresh=1e-6)  # symlog: 0 at step 0 when agents start equal
-    ax.grid(alpha=0.3)
+      ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both" if log else "major")
   axes[0][0].legend(fontsize=7)
+  if title:
+    fig.suptitle(title, fontsize=11)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   workdir_lib.replace_file(path, lambda tmp: fig.savefig(tmp, dpi=100))

@@ -67,6 +67,7 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import ml_collections
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -196,11 +197,20 @@ def _one_line(e: BaseException) -> str:
 # Running.
 
 
+def time_averages(history: Sequence[dict]) -> dict:
+  """Every ``self_weight*`` metric averaged over a run's evaluations after step 0 (at step 0 no
+  combine has run yet): a run's typical mixing, e.g. DRT's per-layer self-weights."""
+  later = [r for r in history if r.get("step", 0) > 0]
+  names = sorted({k for r in later for k, v in r.items()
+                  if k.startswith("self_weight") and isinstance(v, (int, float))})
+  return {k: float(np.mean([r[k] for r in later if r.get(k) is not None])) for k in names}
+
+
 def _result(history: Sequence[dict], wall: float, metrics: Sequence[str] | None) -> dict:
   best = [r["test_acc_mean"] for r in history if r.get("test_acc_mean") is not None]
   rows = [_scalars(r, metrics) for r in history]
   return {"history": rows, "final": rows[-1], "best_test_acc_mean": max(best, default=None),
-          "wall_time_s": wall, "status": "ok"}
+          "time_avg": time_averages(history), "wall_time_s": wall, "status": "ok"}
 
 
 def train_one(config: dict, workdir: str | None = None, metrics: Sequence[str] | None = None):
