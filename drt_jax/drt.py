@@ -227,7 +227,7 @@ def weights(psi: PyTree, mixing: Mixing, names: list[str], gamma: dict, *, varia
   neighbour = (jnp.arange(c.shape[1]) > 0)[None, :] & (c > 0)  # [K, D]
 
   log_d_ref = log_dist - log_n_l  # d_lk with the neighbour as reference, as DRT defines it
-  log1p_drt = jnp.where(neighbour, jnp.sum(jnp.log1p(jnp.exp(log_d_ref)), axis=0), 0.0)
+  log1p_drt = jnp.where(neighbour, jnp.sum(jax.nn.softplus(log_d_ref), axis=0), 0.0)
 
   if variant == "drt_symmetric":
     log_d = log_dist - 0.5 * (log_n_k + log_n_l)
@@ -235,7 +235,9 @@ def weights(psi: PyTree, mixing: Mixing, names: list[str], gamma: dict, *, varia
   else:
     log_d = log_d_ref
     log_denom = 2.0 * log_n_l
-  log_beta = _leave_one_out(jnp.log1p(jnp.exp(2.0 * log_d))) - log_denom  # [P, K, D]
+  # softplus(x) = log(1 + e^x) without overflow: log1p(exp(x)) is inf once x > 88 (d > 1e19 in
+  # float32), where the weights must saturate at the floor instead.
+  log_beta = _leave_one_out(jax.nn.softplus(2.0 * log_d)) - log_denom  # [P, K, D]
   log_c = jnp.where(neighbour, jnp.log(jnp.where(neighbour, c, 1.0)), -jnp.inf)
 
   if variant == "drt_normalized":
@@ -348,6 +350,30 @@ def layer_matrices(stacked_params: PyTree, topology: Topology | Mixing, *, varia
   layer_w, _ = weights(stacked_params, mix, names, gamma, variant=variant, floor=floor, eps=eps)
   idx = np.asarray(mix.nbr_idx)
   return {p: to_dense(idx, np.asarray(w, np.float64)) for p, w in layer_w.items()}
+
+
+def parameter_weighted(values: dict, sizes: dict):
+  """sum_p n_p values[p] / sum_p n_p over the layers of ``values``, n_p = ``sizes[p]`` (a layer's
+  number of scalars per agent); the values may be arrays of one shape (weights ``[K, D]``)."""
+  total = float(sum(sizes[p] for p in values))
+  return sum((sizes[p] / total) * v for p, v in values.items())
+
+
+def self_weight_metrics(layer_w: dict, sizes: dict) -> dict:
+  """The self-weight diagnostics of per-layer weights ``layer_w`` (layer -> ``[K, D]``, slot 0 =
+  self), shared by every algorithm with per-layer weights:
+
+  * ``self_weight/<layer>``: the mean over agents of the layer's self-weight;
+  * ``self_weight_mean``: their mean over layers weighted by ``sizes`` (the layers' numbers of
+    scalars per agent, :func:`drt_jax.combine.layer_sizes`), the share of the *parameters* an agent
+    keeps: in a CNN whose dense kernel holds 99 % of the parameters a plain mean over layers
+    would let the small layers decide the figure;
+  * ``self_weight_layer_mean``: the plain mean over layers.
+  """
+  selfw = {p: jnp.mean(w[:, 0]) for p, w in layer_w.items()}
+  return {**{f"self_weight/{p}": v for p, v in selfw.items()},
+          "self_weight_mean": parameter_weighted(selfw, sizes),
+          "self_weight_layer_mean": sum(selfw.values()) / len(selfw)}
 
 
 def edge_statistics(stacked_params: PyTree, mixing: Mixing, names: list[str],

@@ -152,6 +152,39 @@ class MatrixPropertiesTest(parameterized.TestCase):
     for p in mats:
       np.testing.assert_allclose(mats[p], dense[p], atol=1e-6, err_msg=f"sparse vs dense, {p}")
 
+  @parameterized.product(variant=drt.VARIANTS, relative=(1e20, 1e30))
+  def test_extreme_relative_distances_stay_finite(self, variant, relative):
+    # A star whose hub is tiny next to its leaves: the leaves sit ~relative * ||hub|| away from
+    # it, beyond float32's exp range (log1p(exp(2 log d)) overflowed once d > ~1e19, the weights
+    # then went NaN or stopped mixing); softplus keeps them finite, equal to the float64
+    # reference and saturated at the floor. Every squared norm and distance is still a normal
+    # float32 (hub norm ~1e-18, leaves ~1e12), with eps below the hub's norm.
+    rng = np.random.default_rng(11)
+    big = 1e6 if relative < 1e25 else 1e12
+    scales = np.full((_K, 1), big, np.float32)
+    scales[0] = big / relative
+    params = {f"Dense_{i}": {"kernel": jnp.asarray(scales * _normal(rng, _K, 4))}
+              for i in range(3)}
+    base, mix = _topology("star")
+    kw = {"variant": variant, "floor": _FLOOR, "eps": 1e-30}
+    sparse = drt.layer_matrices(params, mix, method="sparse", **kw)
+    dense = drt.layer_matrices(params, mix, method="dense", **kw)
+    saturated = variant == "drt"  # drt_symmetric: an edge takes min(f_k, f_hub), below the floor
+    self._assert_properties(dense, base, variant, exact_floor=saturated)
+    self._assert_properties(sparse, base, variant, exact_floor=saturated)
+    # drt_symmetric's hub column is a softmax of log a in the hundreds: float32 keeps ~1e-5 of it
+    # (as in test_astronomical_drt_saturates_at_floor).
+    rtol = 3e-5 if variant == "drt_symmetric" else 0.0
+    for p in sparse:
+      np.testing.assert_allclose(sparse[p], dense[p], atol=1e-6, rtol=rtol,
+                                 err_msg=f"sparse vs dense, {p}")
+    names = combine.layer_names(params)
+    _, log1p_drt = _weights_jit(params, mix, tuple(names), drt.calibrate(params, names, 1e-30),
+                                variant=variant, floor=_FLOOR, eps=1e-30)
+    self.assertTrue(bool(jnp.all(jnp.isfinite(log1p_drt))))
+    # a leaf listening to the hub: DRT ~ relative^3 over the three layers
+    self.assertGreater(float(jnp.max(log1p_drt)), 3 * math.log(relative) - 5)
+
   @parameterized.product(topo_name=("ring", "exponential", "random_matching"),
                          variant=drt.VARIANTS)
   def test_consensus_is_fixed_point(self, topo_name, variant):

@@ -61,7 +61,15 @@ The consensus-averaging algorithms (``atc``, ``cta``, ``dsgd``, ``drt``, ``drt_s
 ``drt_normalized``) need every agent's
 weights to sum to one (columns of C); ATC, CTA and DSGD also take a robust ``aggregation``
 (clipped gossip, trimmed mean, median: :mod:`drt_jax.robust`) against Byzantine neighbours
-(:mod:`drt_jax.faults`).
+(:mod:`drt_jax.faults`), or ``self_weights``, a static self-weight per layer (the matched control
+of DRT diffusion, :mod:`drt_jax.algorithms.diffusion`). DRT diffusion takes two ablations:
+``layerwise=False`` (one matrix for the whole model) and ``freeze_after=N`` (the weights of step N
+kept from then on).
+
+Per-layer weights are reported by ``metrics`` as ``self_weight/<layer>`` (the mean over agents),
+``self_weight_mean`` (their mean weighted by the layers' numbers of parameters) and
+``self_weight_layer_mean`` (the plain mean over layers); with one matrix for every layer only
+``self_weight_mean``.
 
 With ``comm_every=H`` (where an algorithm takes it) agents combine only on steps 0, H, 2H, ...
 and take local steps in between. A time-varying topology is indexed by the step count kept in the

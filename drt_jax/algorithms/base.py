@@ -33,10 +33,18 @@ class Algorithm(NamedTuple):
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
 
 
+SCHEDULES = ("constant", "cosine")
+
+
 def local_optimizer(name: str, learning_rate: float, momentum: float = 0.9,
-                    weight_decay: float = 0.0) -> optax.GradientTransformation:
+                    weight_decay: float = 0.0, schedule: str = "constant",
+                    num_steps: int | None = None) -> optax.GradientTransformation:
   """A named local optimizer (one of :data:`OPTIMIZERS`) with its hyperparameters in its state
   (``optax.inject_hyperparams``), so that runs with other values share one compiled step.
+
+  ``schedule`` (one of :data:`SCHEDULES`): ``cosine`` multiplies every update by
+  ``(1 + cos(pi t / num_steps)) / 2`` at update t (Loshchilov & Hutter 2017, without restarts),
+  so the learning rate decays from ``learning_rate`` to 0 over the run.
 
   Any other optax transformation (a schedule, ``optax.chain``, clipping) can be passed to an
   algorithm's factory or to ``train_and_evaluate(optimizer=...)`` directly.
@@ -44,15 +52,23 @@ def local_optimizer(name: str, learning_rate: float, momentum: float = 0.9,
 
   def build(learning_rate, weight_decay, momentum):
     if name == "adam":
-      return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate))
-    if name == "adamw":
-      return optax.adamw(learning_rate, weight_decay=weight_decay)
-    trace = () if name == "sgd" else (optax.trace(momentum, nesterov=name == "nesterov"),)
-    return optax.chain(optax.add_decayed_weights(weight_decay), *trace,
-                       optax.scale_by_learning_rate(learning_rate))
+      opt = optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate))
+    elif name == "adamw":
+      opt = optax.adamw(learning_rate, weight_decay=weight_decay)
+    else:
+      trace = () if name == "sgd" else (optax.trace(momentum, nesterov=name == "nesterov"),)
+      opt = optax.chain(optax.add_decayed_weights(weight_decay), *trace,
+                        optax.scale_by_learning_rate(learning_rate))
+    if schedule == "cosine":  # a factor on the update is a factor on the rate, for all of these
+      opt = optax.chain(opt, optax.scale_by_schedule(optax.cosine_decay_schedule(1.0, num_steps)))
+    return opt
 
   if name not in OPTIMIZERS:
     raise ValueError(f"unknown optimizer {name!r}; expected one of: {', '.join(OPTIMIZERS)}")
+  if schedule not in SCHEDULES:
+    raise ValueError(f"unknown schedule {schedule!r}; expected one of: {', '.join(SCHEDULES)}")
+  if schedule != "constant" and not (isinstance(num_steps, int) and num_steps >= 1):
+    raise ValueError(f"schedule {schedule!r} needs num_steps, an integer >= 1 (got {num_steps!r})")
   return optax.inject_hyperparams(build)(learning_rate=learning_rate, weight_decay=weight_decay,
                                          momentum=momentum)
 

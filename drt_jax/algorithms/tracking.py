@@ -181,9 +181,8 @@ def _graph_metrics(params, state, topology):
 
 def _drt_metrics(granularity, eps):
   def metrics(params, state, topology):
-    selfw = {p: jnp.mean(w[:, 0]) for p, w in state.layer_w.items()}
-    return {**{f"self_weight/{p}": v for p, v in selfw.items()},
-            "self_weight_mean": sum(selfw.values()) / len(selfw),
+    sizes = combine_lib.layer_sizes(params, combine_lib.layer_names(params, granularity))
+    return {**drt_lib.self_weight_metrics(state.layer_w, sizes),
             **base.graph_metrics(params, base.last_mixing(topology, state), granularity, eps)}
 
   return metrics
