@@ -26,7 +26,8 @@ OBJECT_FIELDS = ("model", "optimizer", "topology", "algorithm")
 
 def optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """``config.optimizer`` with its hyperparameters in its state (sweeps do not recompile)."""
-  return algorithms.local_optimizer(c.optimizer, c.learning_rate, c.momentum, c.weight_decay)
+  return algorithms.local_optimizer(c.optimizer, c.learning_rate, c.momentum, c.weight_decay,
+                                    c.schedule, c.num_steps)
 
 
 def algorithm(c: ml_collections.ConfigDict,

@@ -17,8 +17,10 @@ import ml_collections
 import optax
 
 from drt_jax import algorithms, backends, data, datasets, drt, faults, models, partition, topology
+from drt_jax.algorithms import base as algorithms_base
 
 OPTIMIZERS = algorithms.OPTIMIZERS
+SCHEDULES = algorithms_base.SCHEDULES
 PRECISIONS = ("float32", "bfloat16")
 AUGMENTS = ("auto",) + data.AUGMENTATIONS
 # Where this host finds the data, which may differ between the hosts of one run; what the data
@@ -70,6 +72,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.learning_rate = 0.05
   c.momentum = 0.9  # for 'momentum' / 'nesterov'
   c.weight_decay = 0.0
+  c.schedule = "constant"  # learning rate over the run: one of SCHEDULES ('cosine': decays to 0)
   # Data.
   # 'synthetic' (built in) or a tfds image-classification name (datasets.SUPPORTED and others);
   # used when train_and_evaluate gets no in-memory data. mnist and fashion_mnist load offline
@@ -90,6 +93,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_examples = 1024  # test examples per evaluation (0 = the whole test split)
   c.train_eval_examples = 1024  # fixed train subset for the generalization gap (0 = all)
   c.eval_batch_size = 256
+  c.final_full_test = False  # at the last step, also evaluate on the whole test split (final_*)
   # Execution.
   c.backend = "auto"  # one of backends.BACKENDS
   c.chunk_size = 0  # agents per group for backend 'chunked'
@@ -220,6 +224,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _one_of(c, "algorithm", algorithms.NAMES)
   if "optimizer" not in custom:
     _one_of(c, "optimizer", OPTIMIZERS)
+    _one_of(c, "schedule", SCHEDULES)
   _one_of(c, "precision", PRECISIONS)
   _one_of(c, "conv", ("auto",) + models.CONVS)
   _one_of(c, "backend", backends.BACKENDS)
@@ -277,7 +282,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check_topology_options(c)
   if "model" not in custom:
     _check_model_options(c)
-  for field in ("same_init", "combine_batch_stats"):
+  for field in ("same_init", "combine_batch_stats", "final_full_test"):
     if not isinstance(c[field], bool):
       _fail(field, c[field], "True or False")
   if not isinstance(c.data_dir, str):

@@ -75,6 +75,36 @@ class TrainAndEvaluateTest(parameterized.TestCase):
     self.assertLess(history[-1]["consensus_distance"], 1e-10)
     self.assertLess(history[-1]["output_disagreement"], 1e-10)
 
+  def test_final_full_test_evaluates_the_whole_split_at_the_last_step_only(self):
+    run = {**TINY, "algorithm": "atc", "eval_examples": 16}
+    history = untimed(train.train_and_evaluate({**run, "final_full_test": True},
+                                               data=tiny_data()))
+    whole = untimed(train.train_and_evaluate({**run, "eval_examples": 0}, data=tiny_data()))
+    self.assertEqual([("final_test_acc_mean" in r) for r in history],
+                     [False] * (len(history) - 1) + [True])
+    last, want = history[-1], whole[-1]
+    self.assertEqual(last["final_test_acc_mean"], want["test_acc_mean"])
+    self.assertEqual(last["final_centroid_test_acc"], want["centroid_test_acc"])
+    self.assertEqual(last["final_output_disagreement"], want["output_disagreement"])
+    # The 16-image numbers of the run are those of a run without the final evaluation.
+    plain = untimed(train.train_and_evaluate(run, data=tiny_data()))
+    self.assertEqual(plain[-1]["test_acc_mean"], last["test_acc_mean"])
+
+  def test_cosine_schedule_decays_the_update_to_zero(self):
+    opt = algorithms.local_optimizer("sgd", 0.5, schedule="cosine", num_steps=4)
+    params = jnp.zeros(2)
+    state = opt.init(params)
+    sizes = []
+    for _ in range(5):
+      updates, state = opt.update(jnp.ones(2), state, params)
+      sizes.append(float(-updates[0]))
+    np.testing.assert_allclose(sizes, [0.5, 0.5 * (1 + np.cos(np.pi / 4)) / 2, 0.25,
+                                       0.5 * (1 + np.cos(3 * np.pi / 4)) / 2, 0.0], atol=1e-6)
+    with self.assertRaisesRegex(ValueError, "needs num_steps"):
+      algorithms.local_optimizer("sgd", 0.5, schedule="cosine")
+    with self.assertRaisesRegex(ValueError, "unknown schedule 'step'"):
+      algorithms.local_optimizer("sgd", 0.5, schedule="step")
+
   def test_workdir_holds_config_and_one_row_per_evaluation(self):
     with tempfile.TemporaryDirectory() as workdir:
       history = train.train_and_evaluate({**TINY, "algorithm": "drt"}, workdir=workdir,
