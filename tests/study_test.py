@@ -1,40 +1,170 @@
-"""experiments/study.py: which tuning run wins, and how final rows map back to methods."""
+"""experiments/study.py and experiments/stats.py: tuning choices, how rows map back to methods,
+paired intervals and verdicts, and that docs/results.md and the README say what the committed
+results say."""
 
-from absl.testing import absltest
+import json
+import os
+import re
+import shutil
+import tempfile
 
-from experiments import study
+import numpy as np
+from absl.testing import absltest, parameterized
+
+from experiments import stats, study
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_RESULTS = os.path.join(_ROOT, "docs", "results", "study")
 
 
-def row(method, val_acc, **overrides):
-  return {"status": "ok", "final": {"val_acc_mean": val_acc},
-          "overrides": {**study.METHODS[method], **overrides, "method": method}}
+def _write(path, rows):
+  with open(path, "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
 
 
-class TunedSettingsTest(absltest.TestCase):
+class StatsTest(parameterized.TestCase):
 
-  def test_best_validation_accuracy_wins_and_torus_takes_the_ring_setting(self):
+  @parameterized.parameters((1, 12.7062), (7, 2.3646), (30, 2.0423))
+  def test_t_quantiles_match_the_tables(self, df, want):
+    self.assertAlmostEqual(stats.t_quantile(0.975, df), want, places=3)
+
+  def test_paired_interval_uses_common_seeds_only(self):
+    a = {s: 0.8 + 0.01 * s for s in range(8)}
+    b = {s: 0.8 + 0.01 * s - 0.02 + (0.004 if s % 2 else -0.004) for s in range(9)}
+    d = stats.paired(a, b)
+    self.assertEqual(d.n, 8)
+    self.assertAlmostEqual(d.mean, 0.02, places=9)
+    half = 2.3646 * np.std([0.024, 0.016] * 4, ddof=1) / np.sqrt(8)
+    self.assertAlmostEqual(d.hi - d.mean, half, places=4)
+    self.assertIsNone(stats.paired({0: 1.0}, {0: 0.5}))
+
+  @parameterized.parameters(((0.01, 0.002, 0.018), "supported"),
+                            ((-0.01, -0.02, 0.004), "not supported"),
+                            ((0.0, -0.01, 0.012), "inconclusive"))
+  def test_verdict_words(self, diff, want):
+    self.assertEqual(stats.verdict(stats.Paired(*diff, 8, ()), 0.005), want)
+
+
+def _final(method_overrides, seed, acc, steps_hit=None, **final):
+  history = [{"step": s, "test_acc_mean": acc * min(1.0, s / (steps_hit or 20))}
+             for s in range(0, 201, 20)]
+  return {"status": "ok", "key": json.dumps({**method_overrides, "seed": seed}),
+          "overrides": {**method_overrides, "seed": seed}, "history": history,
+          "final": {"test_acc_mean": acc, "final_test_acc_mean": acc, "gen_gap": 0.02,
+                    **final}, "time_avg": {}}
+
+
+class StudyTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.out = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, self.out)
+
+  def test_best_validation_accuracy_wins_per_method(self):
     rows = []
-    for method in study.METHODS:
-      if study.tuned_as(method) != method:
-        continue
-      for lr, acc in ((0.003, 0.5), (0.01, 0.7), (0.03, 0.6)):
-        rows.append(row(method, acc, learning_rate=lr))
-    rows += [row("drt/ring", 0.72, learning_rate=0.01, **{"drt.strength": 2.0}),
-             row("drt/ring", 0.69, learning_rate=0.01, **{"drt.strength": 0.5}),
-             row("drt_symmetric/ring", 0.65, learning_rate=0.01, **{"drt.strength": 2.0})]
-    settings = study.tuned_settings(rows)
-    self.assertEqual(set(settings), set(study.METHODS))
-    self.assertEqual(settings["atc/ring"], {"learning_rate": 0.01})
-    self.assertEqual(settings["drt/ring"], {"learning_rate": 0.01, "drt.strength": 2.0})
-    self.assertEqual(settings["drt/torus"], settings["drt/ring"])
-    self.assertEqual(settings["drt_symmetric/ring"], {"learning_rate": 0.01,
-                                                      "drt.strength": 1.0})
-    self.assertNotIn("drt.strength", settings["drt_normalized/ring"])
+    for name, (over, axes) in study.TUNED.items():
+      for lr, acc in ((0.03, 0.6), (0.1, 0.7), (0.3, 0.5)):
+        extra = {a: study.GRIDS[a][1] for a in axes if a != "learning_rate"}
+        rows.append({"status": "ok", "final": {"val_acc_mean": acc},
+                     "overrides": {"topology": "ring", "dirichlet_alpha": 0.3, **over,
+                                   "seed": 0, "learning_rate": lr, **extra}})
+    rows.append({"status": "ok", "final": {"val_acc_mean": 0.9},
+                 "overrides": {"topology": "ring", "dirichlet_alpha": 0.3, "algorithm": "drt",
+                               "seed": 0, "learning_rate": 0.03, "drt.strength": 16.0}})
+    _write(os.path.join(self.out, "tune.jsonl"), rows)
+    chosen = study.tuned_settings(self.out)
+    self.assertEqual(set(chosen), set(study.TUNED))
+    self.assertEqual(chosen["drt"], {"learning_rate": 0.03, "drt.strength": 16.0})
+    self.assertEqual(chosen["atc_tuned"], {"learning_rate": 0.1, "self_weight": 0.15})
+    self.assertEqual(chosen["full"], {"learning_rate": 0.1})
 
-  def test_missing_tuning_is_one_line(self):
-    with self.assertRaisesRegex(ValueError, "no finished tuning run for atc/ring; run "
-                                "--stage=tune first"):
-      study.tuned_settings([])
+  def test_every_final_point_maps_back_to_its_method(self):
+    chosen = {name: {a: study.GRIDS[a][0] for a in axes}
+              for name, (_, axes) in study.TUNED.items()}
+    chosen["drt_exact_diffusion"] = {"learning_rate": 0.1}
+    settings = [study.MAIN, *study.SECONDARY]
+    for name in study.PRIORITY:
+      for graph, alpha in settings:
+        p = study._method_point(name, chosen, graph, alpha, 3, matched={"Conv_0": 0.1})
+        got = study._identify(study._strip([p])[0])
+        want_setting = study.setting_name(*study.MAIN) if name == "full" else p["setting"]
+        self.assertEqual(got, (name, want_setting), msg=(name, graph, alpha))
+
+  def test_claims_are_paired_and_oriented(self):
+    drt, atc = {"topology": "ring", "dirichlet_alpha": 0.3, "algorithm": "drt"}, {
+        "topology": "ring", "dirichlet_alpha": 0.3, "algorithm": "atc"}
+    full = {**atc, "topology": "full"}
+    rows = []
+    for s in range(8):
+      noise = 0.001 * (s % 3)
+      rows += [_final(drt, s, 0.80 + noise, steps_hit=60, final_output_disagreement=0.1),
+               _final(atc, s, 0.78 + noise, final_output_disagreement=0.2),
+               _final(full, s, 0.84 + noise, steps_hit=20)]
+    _write(os.path.join(self.out, "final.jsonl"), rows)
+    found = {v["id"]: v for v in study.verdicts(study.final_rows(self.out))}
+    self.assertEqual(found["C1"]["verdict"], "supported")
+    self.assertAlmostEqual(found["C1"]["diff"].mean, 0.02, places=6)
+    self.assertNotIn("C2", found)  # no tuned ATC runs: no claim
+    # DRT needs 60 steps to the target, full ATC 20: 40 more than full, 20 beyond the margin.
+    self.assertEqual(found["C7"]["verdict"], "not supported")
+    self.assertAlmostEqual(found["C7"]["diff"].mean, -20.0)
+
+
+@absltest.skipUnless(os.path.exists(os.path.join(_RESULTS, "final.jsonl")),
+                     "no committed study results")
+class CommittedResultsTest(absltest.TestCase):
+  """What docs/results.md and the README state is what the committed JSONL gives."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.out = tempfile.mkdtemp()
+    for name in ("tune.jsonl", "final.jsonl"):
+      shutil.copy(os.path.join(_RESULTS, name), cls.out)
+    cls.rows = study.final_rows(cls.out)
+    cls.verdicts = study.verdicts(cls.rows)
+    with open(os.path.join(_ROOT, "docs", "results.md")) as f:
+      cls.results = f.read()
+    with open(os.path.join(_ROOT, "README.md")) as f:
+      cls.readme = f.read()
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.out)
+    super().tearDownClass()
+
+  def test_every_verdict_in_results_md_matches_the_report(self):
+    self.assertNotEmpty(self.verdicts)
+    for v in self.verdicts:
+      line = next((ln for ln in self.results.splitlines()
+                   if ln.startswith(f"| {v['id']} |")), None)
+      self.assertIsNotNone(line, f"docs/results.md has no row for claim {v['id']}")
+      self.assertIn(v["interval"], line, v["id"])
+      self.assertIn(f"**{v['verdict']}**", line, v["id"])
+
+  def test_tables_md_is_the_report_of_the_committed_rows(self):
+    with open(os.path.join(_RESULTS, "tables.md")) as f:
+      committed = f.read()
+    for v in self.verdicts:
+      self.assertIn(f"| {v['id']} |", committed)
+      self.assertIn(v["interval"], committed)
+
+  def test_matched_control_is_matched_per_layer(self):
+    check = study.matched_check(self.rows)
+    self.assertNotEmpty(check)
+    self.assertIn("self_weight_mean", [c["layer"] for c in check])
+    for c in check:
+      self.assertLessEqual(abs(c["diff"]), 0.005, c["layer"])
+
+  def test_readme_headline_numbers_come_from_the_report(self):
+    headline = self.readme.split("<!-- headline -->")[1].split("<!-- /headline -->")[0]
+    quoted = re.findall(r"[+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\]", headline)
+    self.assertNotEmpty(quoted)
+    intervals = {v["interval"] for v in self.verdicts}
+    for q in quoted:
+      self.assertIn(q, intervals)
 
 
 if __name__ == "__main__":
