@@ -15,8 +15,9 @@ Stages, each a resumable sweep (rerun the same command to continue; finished run
           second knob the same 2-D budget -- DRT: learning rate x strength rho (STRENGTHS), ATC:
           learning rate x self-weight (SELF_WEIGHTS). An axis whose best value is at the edge of its
           grid is widened (EXTEND) and searched again (WIDENINGS times).
-  final   SEEDS for every method in PRIORITY order: first the main setting's methods and controls,
-          then the DRT ablations, then DRT and tuned ATC on the other settings (SECONDARY).
+  final   SEEDS for every method, in order of importance: the main setting's methods, controls
+          and two DRT ablations (PRIORITY), then DRT and tuned ATC on the other settings
+          (SECONDARY), then DRT inside exact diffusion and the remaining ablations (LATE).
           ``atc_matched`` is ATC with static per-layer self-weights equal to DRT's time-averaged
           per-layer self-weights on the same setting (so its parameter-weighted mean is DRT's too)
           at DRT's learning rate: the same amount of mixing in every layer, without DRT's time
@@ -68,8 +69,8 @@ STRENGTHS = (1.0, 4.0, 16.0)
 SELF_WEIGHTS = (0.05, 0.15, 0.33)
 # The values a grid axis grows by when its best value sits at an edge: (below, above).
 EXTEND = {"learning_rate": ((0.01, 0.003), (1.0,)), "drt.strength": ((0.25, 0.0625), (64.0, 256.0)),
-          "self_weight": ((0.02,), (0.6,))}
-WIDENINGS = 1
+          "self_weight": ((0.02,), (0.6, 0.8))}
+WIDENINGS = 2
 
 # Tuned methods: name -> (overrides, tuned axes). The ATC twins differ by their second axis.
 TUNED = {
@@ -93,9 +94,10 @@ ABLATIONS = {
     "drt_floor_0.2": {"drt.floor": 0.2},
 }
 PRIORITY = ("drt", "atc_matched", "atc_tuned", "atc", "full", "gradient_tracking",
-            "exact_diffusion", "dsgd", "local", "drt_shared", "drt_frozen", "drt_exact_diffusion",
-            "drt_current", "drt_floor_0.02", "drt_floor_0.2")
-SECONDARY_METHODS = ("drt", "atc_tuned", "atc")
+            "exact_diffusion", "dsgd", "local", "drt_shared", "drt_frozen")
+# After the secondary settings, as the budget allows.
+LATE = ("drt_exact_diffusion", "drt_current", "drt_floor_0.02", "drt_floor_0.2")
+SECONDARY_METHODS = ("drt", "atc_tuned")
 TARGET = 0.95  # steps to reach this fraction of fully connected ATC's final accuracy
 
 
@@ -254,6 +256,8 @@ def final(base, out, smoke):
     for name in SECONDARY_METHODS:
       points = [_method_point(name, chosen, graph, alpha, s) for s in seeds]
       rows += _run(base, points, path)
+  for name in LATE:
+    rows += _run(base, [_method_point(name, chosen, *MAIN, s) for s in seeds], path)
   return rows
 
 
@@ -406,7 +410,8 @@ def method_table(rows, setting) -> str:
   for r in rows:
     if r["setting"] == setting:
       groups.setdefault(r["method"], []).append(r)
-  order = [m for m in PRIORITY if m in groups] + sorted(m for m in groups if m not in PRIORITY)
+  known = (*PRIORITY, *LATE)
+  order = [m for m in known if m in groups] + sorted(m for m in groups if m not in known)
   lines = ["| method | " + " | ".join(h for h, _, _ in _COLUMNS) + " | seeds |",
            "|---|" + "---|" * (len(_COLUMNS) + 1)]
   for m in order:

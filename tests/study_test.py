@@ -85,7 +85,7 @@ class StudyTest(parameterized.TestCase):
               for name, (_, axes) in study.TUNED.items()}
     chosen["drt_exact_diffusion"] = {"learning_rate": 0.1}
     settings = [study.MAIN, *study.SECONDARY]
-    for name in study.PRIORITY:
+    for name in (*study.PRIORITY, *study.LATE):
       for graph, alpha in settings:
         p = study._method_point(name, chosen, graph, alpha, 3, matched={"Conv_0": 0.1})
         got = study._identify(study._strip([p])[0])
