@@ -33,7 +33,7 @@ TITLES = {
     "train_loss": "training loss (mean over agents)",
     "self_weight_mean": "self-weight (parameter-weighted)",
 }
-_LOG_METRICS = ("consensus", "disagreement", "loss")
+_LOG_METRICS = ("consensus", "disagreement")
 # Columns of summary(): (header, how a run gives the value, number format).
 _COLUMNS = (
     ("final test acc", lambda r: r["final"].get("test_acc_mean"), ".4f"),
@@ -126,16 +126,16 @@ def summary(groups: dict[str, list[dict]]) -> str:
 def plot(groups: dict[str, list[dict]], path: str,
          metrics: Sequence[str] = DEFAULT_METRICS, title: str | None = None) -> str:
   """One PNG: a panel per metric, a line per group (mean over seeds, shaded ± std), under
-  ``title``. Distances and losses are drawn on a log axis, from their first positive value (agents
-  that start equal have distance 0 at step 0, which a log axis cannot show)."""
+  ``title``. Distances are drawn on a log axis from the first step after 0 (agents that start
+  equal are 0 apart at step 0, which a log axis cannot show)."""
   fig = Figure(figsize=(4 * len(metrics), 3.4 if title else 3.2))
   axes = fig.subplots(1, len(metrics), squeeze=False)
   for ax, metric in zip(axes[0], metrics):
     log = any(w in metric for w in _LOG_METRICS)  # >= 0, many decades
     for label, rows in groups.items():
       steps, mean, std = curves(rows, metric)
-      if log:
-        keep = mean > 0
+      if log:  # from step 1 on: agents that start equal sit at rounding noise at step 0
+        keep = (mean > 0) & (steps > 0)
         steps, mean, std = steps[keep], mean[keep], std[keep]
       if not len(steps):
         continue
@@ -147,7 +147,7 @@ def plot(groups: dict[str, list[dict]], path: str,
     if log:
       ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both" if log else "major")
-  axes[0][0].legend(fontsize=7)
+  axes[0][0].legend(fontsize=7, loc="lower right")
   if title:
     fig.suptitle(title, fontsize=11)
   fig.tight_layout()
