@@ -96,7 +96,7 @@ ABLATIONS = {
 PRIORITY = ("drt", "atc_matched", "atc_tuned", "atc", "full", "gradient_tracking",
             "exact_diffusion", "dsgd", "local", "drt_shared", "drt_frozen")
 # After the secondary settings, as the budget allows.
-LATE = ("drt_exact_diffusion", "drt_current", "drt_floor_0.02", "drt_floor_0.2")
+LATE = ("drt_current", "drt_floor_0.2", "drt_floor_0.02", "drt_exact_diffusion")
 SECONDARY_METHODS = ("drt", "atc_tuned")
 TARGET = 0.95  # steps to reach this fraction of fully connected ATC's final accuracy
 
