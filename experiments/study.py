@@ -16,8 +16,9 @@ Stages, each a resumable sweep (rerun the same command to continue; finished run
           learning rate x self-weight (SELF_WEIGHTS). An axis whose best value is at the edge of its
           grid is widened (EXTEND) and searched again (WIDENINGS times).
   final   SEEDS for every method, in order of importance: the main setting's methods, controls
-          and two DRT ablations (PRIORITY), then DRT and tuned ATC on the other settings
-          (SECONDARY), then DRT inside exact diffusion and the remaining ablations (LATE).
+          and two DRT ablations (PRIORITY), then, interleaved (AFTER_MAIN), DRT and tuned ATC on
+          the other settings (SECONDARY) and the remaining ablations and DRT inside exact
+          diffusion (LATE).
           ``atc_matched`` is ATC with static per-layer self-weights equal to DRT's time-averaged
           per-layer self-weights on the same setting (so its parameter-weighted mean is DRT's too)
           at DRT's learning rate: the same amount of mixing in every layer, without DRT's time
@@ -98,6 +99,9 @@ PRIORITY = ("drt", "atc_matched", "atc_tuned", "atc", "full", "gradient_tracking
 # After the secondary settings, as the budget allows.
 LATE = ("drt_current", "drt_floor_0.2", "drt_floor_0.02", "drt_exact_diffusion")
 SECONDARY_METHODS = ("drt", "atc_tuned")
+# What runs after PRIORITY, in this order: a secondary setting (DRT and tuned ATC on it) or a
+# LATE method on the main setting.
+AFTER_MAIN = (SECONDARY[0], SECONDARY[1], LATE[0], LATE[1], SECONDARY[2], LATE[2], LATE[3])
 TARGET = 0.95  # steps to reach this fraction of fully connected ATC's final accuracy
 
 
@@ -252,12 +256,12 @@ def final(base, out, smoke):
       logging.info("matched per-layer self-weights: %s", matched)
     points = [_method_point(name, chosen, *MAIN, s, matched) for s in seeds]
     rows += _run(base, points, path)
-  for graph, alpha in SECONDARY:
-    for name in SECONDARY_METHODS:
-      points = [_method_point(name, chosen, graph, alpha, s) for s in seeds]
-      rows += _run(base, points, path)
-  for name in LATE:
-    rows += _run(base, [_method_point(name, chosen, *MAIN, s) for s in seeds], path)
+  for step in AFTER_MAIN:
+    if isinstance(step, str):  # a method on the main setting
+      rows += _run(base, [_method_point(step, chosen, *MAIN, s) for s in seeds], path)
+      continue
+    for name in SECONDARY_METHODS:  # a secondary setting
+      rows += _run(base, [_method_point(name, chosen, *step, s) for s in seeds], path)
   return rows
 
 
