@@ -309,7 +309,8 @@ def options(name: str) -> tuple[str, ...]:
 
 def make(name: str, num_classes: int = 10, input_shape: Sequence[int] | None = None,
          **kw) -> Model:
-  """The named model (``resnet20``, ``cnn``, ``convnet``, ``mlp``); ``kw`` go to its module constructor.
+  """The named model (``resnet20``, ``cnn``, ``convnet``, ``mlp``); ``kw`` go to its module
+  constructor.
 
   Example::
 

@@ -472,7 +472,7 @@ def report(out: str) -> str:
               for c in check]
     parts.append("### Matched control: self-weights per layer (main setting)\n\n"
                  + "\n".join(lines))
-  for setting in sorted({r["setting"] for r in rows}, key=lambda s: s != setting_name(*MAIN)):
+  for setting in sorted({r["setting"] for r in rows}, key=lambda s: (s != setting_name(*MAIN), s)):
     parts.append(f"### Final numbers: {setting} (mean ± sd over seeds; whole test split)\n\n"
                  + method_table(rows, setting))
   chosen = tuned_settings(out)

@@ -64,7 +64,7 @@ class StudyTest(parameterized.TestCase):
 
   def test_best_validation_accuracy_wins_per_method(self):
     rows = []
-    for name, (over, axes) in study.TUNED.items():
+    for over, axes in study.TUNED.values():
       for lr, acc in ((0.03, 0.6), (0.1, 0.7), (0.3, 0.5)):
         extra = {a: study.GRIDS[a][1] for a in axes if a != "learning_rate"}
         rows.append({"status": "ok", "final": {"val_acc_mean": acc},
