@@ -18,7 +18,8 @@ Stages, each a resumable sweep (rerun the same command to continue; finished run
   final   SEEDS for every method, in order of importance: the main setting's methods, controls
           and two DRT ablations (PRIORITY), then, interleaved (AFTER_MAIN), DRT and tuned ATC on
           the other settings (SECONDARY) and the remaining ablations and DRT inside exact
-          diffusion (LATE).
+          diffusion (LATE); last, DRT, tuned ATC and fully connected ATC again with BatchNorm
+          statistics combined like the parameters (BN_MIXED).
           ``atc_matched`` is ATC with static per-layer self-weights equal to DRT's time-averaged
           per-layer self-weights on the same setting (so its parameter-weighted mean is DRT's too)
           at DRT's learning rate: the same amount of mixing in every layer, without DRT's time
@@ -102,6 +103,11 @@ SECONDARY_METHODS = ("drt", "atc_tuned")
 # What runs after PRIORITY, in this order: a secondary setting (DRT and tuned ATC on it) or a
 # LATE method on the main setting.
 AFTER_MAIN = (SECONDARY[0], SECONDARY[1], LATE[0], LATE[1], SECONDARY[2], LATE[2], LATE[3])
+# Methods rerun on the main setting with BatchNorm statistics combined like the parameters
+# (config.combine_batch_stats). With the statistics local, agents whose parameters are equal still
+# disagree in their outputs: fully connected ATC's disagreement is its local statistics alone. These
+# runs measure the disagreement that the combination itself controls. Name -> the method it reruns.
+BN_MIXED = {"drt_bn_mixed": "drt", "atc_tuned_bn_mixed": "atc_tuned", "full_bn_mixed": "full"}
 TARGET = 0.95  # steps to reach this fraction of fully connected ATC's final accuracy
 
 
@@ -206,6 +212,9 @@ def tuned_settings(out) -> dict:
 
 
 def _method_point(name, chosen, graph, alpha, seed, matched=None):
+  if name in BN_MIXED:
+    point = _method_point(BN_MIXED[name], chosen, graph, alpha, seed, matched)
+    return {**point, "combine_batch_stats": True, "method": name}
   drt = {**TUNED["drt"][0], **chosen["drt"]}
   if name in TUNED:
     over = {**TUNED[name][0], **chosen[name]}
@@ -262,6 +271,8 @@ def final(base, out, smoke):
       continue
     for name in SECONDARY_METHODS:  # a secondary setting
       rows += _run(base, [_method_point(name, chosen, *step, s) for s in seeds], path)
+  for name in BN_MIXED:
+    rows += _run(base, [_method_point(name, chosen, *MAIN, s) for s in seeds], path)
   return rows
 
 
@@ -283,22 +294,27 @@ def _drt_exact_choice(out):
       "learning_rate"]}}
 
 
-def _identify(o) -> tuple[str, str] | None:
+def _identify(o) -> tuple[str, str]:
   """(method, setting) of a final row from its overrides."""
-  setting = setting_name(o.get("topology"), o.get("dirichlet_alpha"))
+  full = o.get("topology") == "full"  # one run, shared by every setting of the main graph
+  setting = setting_name(*MAIN) if full else setting_name(o.get("topology"),
+                                                          o.get("dirichlet_alpha"))
+  suffix = "_bn_mixed" if o.get("combine_batch_stats") else ""
+  return _method_of(o) + suffix, setting
+
+
+def _method_of(o) -> str:
   alg = o.get("algorithm")
   if o.get("topology") == "full":
-    return "full", setting_name(*MAIN)
+    return "full"
   if "algorithm_options.self_weights" in o:
-    return "atc_matched", setting
+    return "atc_matched"
   if alg == "drt":
-    for name, change in ABLATIONS.items():
-      if all(o.get(k) == v for k, v in change.items()):
-        return name, setting
-    return "drt", setting
+    return next((name for name, change in ABLATIONS.items()
+                 if all(o.get(k) == v for k, v in change.items())), "drt")
   if alg == "atc":
-    return ("atc_tuned" if "self_weight" in o else "atc"), setting
-  return alg, setting
+    return "atc_tuned" if "self_weight" in o else "atc"
+  return alg
 
 
 def final_rows(out, status="ok"):
@@ -343,6 +359,11 @@ CLAIMS = (
      "atc_tuned", "final_test_acc_mean", 1, 0.005),
     ("C15", "DRT beats tuned ATC near IID (alpha = 1.0)", "ring/a1", "drt", "atc_tuned",
      "final_test_acc_mean", 1, 0.005),
+    ("C16", "DRT's agents disagree less in their outputs than tuned ATC's, BatchNorm statistics "
+     "combined too", "main", "drt_bn_mixed", "atc_tuned_bn_mixed", "final_output_disagreement", -1,
+     0.005),
+    ("C17", "DRT beats tuned ATC, BatchNorm statistics combined too", "main", "drt_bn_mixed",
+     "atc_tuned_bn_mixed", "final_test_acc_mean", 1, 0.005),
 )
 
 
@@ -414,7 +435,7 @@ def method_table(rows, setting) -> str:
   for r in rows:
     if r["setting"] == setting:
       groups.setdefault(r["method"], []).append(r)
-  known = (*PRIORITY, *LATE)
+  known = (*PRIORITY, *LATE, *BN_MIXED)
   order = [m for m in known if m in groups] + sorted(m for m in groups if m not in known)
   lines = ["| method | " + " | ".join(h for h, _, _ in _COLUMNS) + " | seeds |",
            "|---|" + "---|" * (len(_COLUMNS) + 1)]

@@ -85,11 +85,11 @@ class StudyTest(parameterized.TestCase):
               for name, (_, axes) in study.TUNED.items()}
     chosen["drt_exact_diffusion"] = {"learning_rate": 0.1}
     settings = [study.MAIN, *study.SECONDARY]
-    for name in (*study.PRIORITY, *study.LATE):
+    for name in (*study.PRIORITY, *study.LATE, *study.BN_MIXED):
       for graph, alpha in settings:
         p = study._method_point(name, chosen, graph, alpha, 3, matched={"Conv_0": 0.1})
         got = study._identify(study._strip([p])[0])
-        want_setting = study.setting_name(*study.MAIN) if name == "full" else p["setting"]
+        want_setting = study.setting_name(*study.MAIN) if name.startswith("full") else p["setting"]
         self.assertEqual(got, (name, want_setting), msg=(name, graph, alpha))
 
   def test_claims_are_paired_and_oriented(self):
