@@ -19,7 +19,8 @@ Stages, each a resumable sweep (rerun the same command to continue; finished run
           and two DRT ablations (PRIORITY), then, interleaved (AFTER_MAIN), DRT and tuned ATC on
           the other settings (SECONDARY) and the remaining ablations and DRT inside exact
           diffusion (LATE); last, DRT, tuned ATC and fully connected ATC again with BatchNorm
-          statistics combined like the parameters (BN_MIXED).
+          statistics combined like the parameters (BN_MIXED), and DRT and tuned ATC at three
+          times the length (LONG_METHODS, LONG_FACTOR) with the hyperparameters tuned at 200 steps.
           ``atc_matched`` is ATC with static per-layer self-weights equal to DRT's time-averaged
           per-layer self-weights on the same setting (so its parameter-weighted mean is DRT's too)
           at DRT's learning rate: the same amount of mixing in every layer, without DRT's time
@@ -108,11 +109,17 @@ AFTER_MAIN = (SECONDARY[0], SECONDARY[1], LATE[0], LATE[1], SECONDARY[2], LATE[2
 # disagree in their outputs: fully connected ATC's disagreement is its local statistics alone. These
 # runs measure the disagreement that the combination itself controls. Name -> the method it reruns.
 BN_MIXED = {"drt_bn_mixed": "drt", "atc_tuned_bn_mixed": "atc_tuned", "full_bn_mixed": "full"}
+# The main comparison again at LONG_FACTOR times the length (the cosine decay stretched with it) and
+# the hyperparameters tuned at the usual length: does the ranking hold where the best method has
+# plateaued?
+LONG_FACTOR = 3
+LONG_METHODS = ("drt", "atc_tuned")
 TARGET = 0.95  # steps to reach this fraction of fully connected ATC's final accuracy
 
 
-def setting_name(graph: str, alpha: float) -> str:
-  return f"{graph}/a{alpha:g}"
+def setting_name(graph: str, alpha: float, num_steps: int | None = None) -> str:
+  name = f"{graph}/a{alpha:g}"
+  return name if num_steps is None else f"{name}/{num_steps}steps"
 
 
 def base_config(smoke: bool) -> dict:
@@ -273,7 +280,15 @@ def final(base, out, smoke):
       rows += _run(base, [_method_point(name, chosen, *step, s) for s in seeds], path)
   for name in BN_MIXED:
     rows += _run(base, [_method_point(name, chosen, *MAIN, s) for s in seeds], path)
+  for name in LONG_METHODS:
+    rows += _run(base, [_long_point(name, chosen, base, s) for s in seeds], path)
   return rows
+
+
+def _long_point(name, chosen, base, seed):
+  steps = LONG_FACTOR * base["num_steps"]
+  return {**_method_point(name, chosen, *MAIN, seed), "num_steps": steps,
+          "setting": setting_name(*MAIN, steps)}
 
 
 def _tune_drt_exact_diffusion(base, out, chosen, smoke):
@@ -297,8 +312,8 @@ def _drt_exact_choice(out):
 def _identify(o) -> tuple[str, str]:
   """(method, setting) of a final row from its overrides."""
   full = o.get("topology") == "full"  # one run, shared by every setting of the main graph
-  setting = setting_name(*MAIN) if full else setting_name(o.get("topology"),
-                                                          o.get("dirichlet_alpha"))
+  graph = MAIN if full else (o.get("topology"), o.get("dirichlet_alpha"))
+  setting = setting_name(*graph, o.get("num_steps"))
   suffix = "_bn_mixed" if o.get("combine_batch_stats") else ""
   return _method_of(o) + suffix, setting
 
@@ -364,6 +379,8 @@ CLAIMS = (
      0.005),
     ("C17", "DRT beats tuned ATC, BatchNorm statistics combined too", "main", "drt_bn_mixed",
      "atc_tuned_bn_mixed", "final_test_acc_mean", 1, 0.005),
+    ("C18", "DRT beats tuned ATC at three times the length (600 steps)", "ring/a0.3/600steps",
+     "drt", "atc_tuned", "final_test_acc_mean", 1, 0.005),
 )
 
 
@@ -536,8 +553,10 @@ def _figures(rows, out):
                                                         "full", "gradient_tracking")}
     seeds = max(len(g) for g in groups.values())
     name = setting.replace("/", "_")
-    title = (f"Fashion-MNIST, K = {k}, {setting.split('/')[0].replace('_', '-')} graph, "
-             f"Dirichlet alpha = {setting.split('/a')[1]}, convnet, {seeds} seeds")
+    graph, alpha, *steps = setting.split("/")
+    title = (f"Fashion-MNIST, K = {k}, {graph.replace('_', '-')} graph, "
+             f"Dirichlet alpha = {alpha[1:]}, convnet, "
+             f"{steps[0].replace('steps', ' steps') + ', ' if steps else ''}{seeds} seeds")
     path = plot_lib.plot(groups, os.path.join(out, f"{name}.png"),
                          ("test_acc_mean", "train_loss", "consensus_distance",
                           "output_disagreement"), title=title)

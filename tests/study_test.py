@@ -91,6 +91,11 @@ class StudyTest(parameterized.TestCase):
         got = study._identify(study._strip([p])[0])
         want_setting = study.setting_name(*study.MAIN) if name.startswith("full") else p["setting"]
         self.assertEqual(got, (name, want_setting), msg=(name, graph, alpha))
+    for name in study.LONG_METHODS:
+      p = study._long_point(name, chosen, study.SETTING, 3)
+      self.assertEqual(p["num_steps"], study.LONG_FACTOR * study.SETTING["num_steps"])
+      self.assertEqual(study._identify(study._strip([p])[0]), (name, p["setting"]))
+      self.assertIn(p["setting"], {c[2] for c in study.CLAIMS})  # a claim reads these runs
 
   def test_claims_are_paired_and_oriented(self):
     drt, atc = {"topology": "ring", "dirichlet_alpha": 0.3, "algorithm": "drt"}, {
