@@ -384,6 +384,53 @@ CLAIMS = (
 )
 
 
+# Paired differences the reading cites beside the claims: (what, A, A's setting, B, B's setting,
+# metric), A - B over the common seeds, no verdict. The same method at two lengths tells how far
+# the shorter run was from a plateau. (Accuracy gained late in one run would not: the cosine decay
+# lifts it at the end of any length.)
+_LONG = f"ring/a0.3/{LONG_FACTOR * SETTING['num_steps']}steps"
+COMPARISONS = (
+    ("tuned ATC - Metropolis ATC", "atc_tuned", "main", "atc", "main", "final_test_acc_mean"),
+    ("tuned ATC - fully connected ATC", "atc_tuned", "main", "full", "main",
+     "final_test_acc_mean"),
+    ("tuned ATC - matched ATC", "atc_tuned", "main", "atc_matched", "main", "final_test_acc_mean"),
+    ("tuned ATC - DSGD", "atc_tuned", "main", "dsgd", "main", "final_test_acc_mean"),
+    ("DRT with floor 0.2 - DRT (floor 0.05)", "drt_floor_0.2", "main", "drt", "main",
+     "final_test_acc_mean"),
+    ("DRT with floor 0.02 - DRT (floor 0.05)", "drt_floor_0.02", "main", "drt", "main",
+     "final_test_acc_mean"),
+    ("DRT with current norms - DRT", "drt_current", "main", "drt", "main", "final_test_acc_mean"),
+    ("DRT inside exact diffusion - DRT", "drt_exact_diffusion", "main", "drt", "main",
+     "final_test_acc_mean"),
+    ("DRT inside exact diffusion - exact diffusion", "drt_exact_diffusion", "main",
+     "exact_diffusion", "main", "final_test_acc_mean"),
+    ("DRT, BatchNorm statistics combined - local", "drt_bn_mixed", "main", "drt", "main",
+     "final_test_acc_mean"),
+    ("tuned ATC, BatchNorm statistics combined - local", "atc_tuned_bn_mixed", "main",
+     "atc_tuned", "main", "final_test_acc_mean"),
+    ("fully connected ATC, BatchNorm statistics combined - local", "full_bn_mixed", "main", "full",
+     "main", "final_test_acc_mean"),
+    ("DRT's disagreement, BatchNorm statistics combined - local", "drt_bn_mixed", "main", "drt",
+     "main", "final_output_disagreement"),
+    ("tuned ATC's disagreement, BatchNorm statistics combined - local", "atc_tuned_bn_mixed",
+     "main", "atc_tuned", "main", "final_output_disagreement"),
+    ("DRT at 600 steps - at 200", "drt", _LONG, "drt", "main", "final_test_acc_mean"),
+    ("tuned ATC at 600 steps - at 200", "atc_tuned", _LONG, "atc_tuned", "main",
+     "final_test_acc_mean"),
+)
+
+
+def comparisons(rows) -> list[dict]:
+  """Every row of :data:`COMPARISONS` whose runs exist, with its paired interval."""
+  out = []
+  for what, a, sa, b, sb, metric in COMPARISONS:
+    va = _by_seed(rows, a, _setting(sa), metric)
+    diff = stats.paired(va, _by_seed(rows, b, _setting(sb), metric))
+    if diff is not None:
+      out.append({"what": what, "metric": metric, "diff": diff, "interval": stats.interval(diff)})
+  return out
+
+
 def _setting(label):
   return setting_name(*MAIN) if label == "main" else label
 
@@ -503,6 +550,12 @@ def report(out: str) -> str:
                    f"{v['interval']} | {v['diff'].n} |")
     parts.append("### Verdicts (paired over seeds; difference oriented so that > 0 favours the "
                  "claim; steps-to-target: slack within the 20-step margin)\n\n" + "\n".join(lines))
+  extra = comparisons(rows)
+  if extra:
+    lines = ["| difference | metric | A - B [95 % CI] | seeds |", "|---|---|---|---|"]
+    lines += [f"| {c['what']} | {c['metric']} | {c['interval']} | {c['diff'].n} |"
+              for c in extra]
+    parts.append("### Other paired differences (no verdict)\n\n" + "\n".join(lines))
   check = matched_check(rows)
   if check:
     lines = ["| self-weight | DRT (time avg) | matched ATC | difference |", "|---|---|---|---|"]

@@ -116,6 +116,19 @@ class StudyTest(parameterized.TestCase):
     self.assertEqual(found["C7"]["verdict"], "not supported")
     self.assertAlmostEqual(found["C7"]["diff"].mean, -20.0)
 
+  def test_comparisons_pair_one_method_across_lengths(self):
+    drt = {"topology": "ring", "dirichlet_alpha": 0.3, "algorithm": "drt"}
+    steps = study.LONG_FACTOR * study.SETTING["num_steps"]
+    rows = []
+    for s in range(8):
+      rows += [_final(drt, s, 0.70 + 0.01 * s),
+               _final({**drt, "num_steps": steps}, s, 0.75 + 0.01 * s)]
+    _write(os.path.join(self.out, "final.jsonl"), rows)
+    found = {c["what"]: c for c in study.comparisons(study.final_rows(self.out))}
+    self.assertEqual(set(found), {"DRT at 600 steps - at 200"})  # the others lack their runs
+    self.assertAlmostEqual(found["DRT at 600 steps - at 200"]["diff"].mean, 0.05, places=6)
+    self.assertAlmostEqual(found["DRT at 600 steps - at 200"]["diff"].hi, 0.05, places=6)
+
 
 @absltest.skipUnless(os.path.exists(os.path.join(_RESULTS, "final.jsonl")),
                      "no committed study results")
@@ -171,6 +184,14 @@ class CommittedResultsTest(absltest.TestCase):
     self.assertIn("self_weight_mean", [c["layer"] for c in check])
     for c in check:
       self.assertLessEqual(abs(c["diff"]), 0.005, c["layer"])
+
+  def test_every_interval_in_results_md_is_a_report_interval(self):
+    quoted = re.findall(r"[+-]\d+\.\d+ \[[+-]\d+\.\d+, [+-]\d+\.\d+\]", self.results)
+    self.assertNotEmpty(quoted)
+    intervals = {v["interval"] for v in self.verdicts}
+    intervals |= {c["interval"] for c in study.comparisons(self.rows)}
+    for q in quoted:
+      self.assertIn(q, intervals)
 
   def test_readme_headline_numbers_come_from_the_report(self):
     headline = self.readme.split("<!-- headline -->")[1].split("<!-- /headline -->")[0]
